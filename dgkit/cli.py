@@ -1,0 +1,56 @@
+"""The `dgkit` command line: one command per stage; each stage registers its own commands."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from dgkit.errors import DgkitError
+
+HELP = """dgkit distills a CLIP teacher into a small student that keeps working on image domains
+it never saw, exports it (ONNX, FP16, INT8, TensorRT) and serves it on an edge box.
+
+\b
+Typical session:
+  dgkit data check ./mydomains
+  dgkit distill --data ./mydomains --target sketch --method kd
+  dgkit export runs/latest --fp16 --int8
+  dgkit predict runs/latest/export/model.int8.onnx photo.jpg
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, rich_markup_mode="rich",
+                  context_settings={"help_option_names": ["-h", "--help"]})
+bench_app = typer.Typer(help="Benchmarks that print a table and write JSON.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+# Each stage's commands live beside the stage; their modules import only typer at the top.
+for _module in ("dgkit.distill.commands", "dgkit.distill.bench_dg", "dgkit.serve.commands",
+                "dgkit.export.commands", "dgkit.demo.commands", "dgkit.samples"):
+    try:
+        importlib.import_module(_module).register(app, bench_app)
+    except ModuleNotFoundError as exc:
+        if exc.name != _module:
+            raise
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except DgkitError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.secho("aborted", fg="red", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

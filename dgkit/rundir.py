@@ -1,0 +1,107 @@
+"""The run directory: the only thing that passes between distill, export, serve and demo.
+
+```
+runs/<name>/run.json  student.safetensors  metrics.jsonl  summary.json  cache/  export/
+```
+Torch-free, so every stage (and the edge runtime) can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dgkit.atomic import write_json, write_text
+from dgkit.errors import DgkitError
+
+RUN_FORMAT = 1
+DEFAULT_RUNS = Path("runs")
+LATEST = "latest"
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    run_json = property(lambda self: self.path / "run.json")
+    student = property(lambda self: self.path / "student.safetensors")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    summary = property(lambda self: self.path / "summary.json")
+    checkpoint = property(lambda self: self.path / "checkpoint.pt")
+    cache = property(lambda self: self.path / "cache")
+    export = property(lambda self: self.path / "export")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+
+    def config(self) -> dict[str, Any]:
+        if not self.run_json.is_file():
+            raise DgkitError(f"{self.path} is not a dgkit run (no run.json); train one with "
+                             "dgkit distill")
+        try:
+            config = json.loads(self.run_json.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise DgkitError(f"{self.run_json} is not valid JSON ({exc})") from exc
+        if config.get("format") != RUN_FORMAT:
+            raise DgkitError(f"{self.path} was written by another dgkit version (run format "
+                             f"{config.get('format')}, this dgkit reads {RUN_FORMAT})")
+        return config
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.run_json, {"format": RUN_FORMAT, **config})
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def keep_metrics_until(self, step: int) -> None:
+        """On resume, drop evaluations logged after the checkpoint the run continues from."""
+        rows = [r for r in self.read_metrics() if r["step"] <= step]
+        write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def require_trained(self) -> dict[str, Any]:
+        config = self.config()
+        if not self.student.is_file():
+            raise DgkitError(f"{self.path} is incomplete: it has no student.safetensors (was "
+                             "its training stopped before the first evaluation?)")
+        return config
+
+
+def resolve_run(arg: str | Path | None) -> RunDir:
+    """A run given on the command line, or runs/latest."""
+    path = Path(arg) if arg else DEFAULT_RUNS / LATEST
+    if not path.exists():
+        hint = "; train one with dgkit distill" if arg is None else ""
+        raise DgkitError(f"run directory {path} does not exist{hint}")
+    return RunDir(path.resolve())
+
+
+def prepare_new_run(path: Path, overwrite: bool) -> RunDir:
+    """Create an empty run directory, refusing to clobber an earlier run unless asked to."""
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise DgkitError(f"run directory {path} already exists; pass --resume {path} to "
+                             "continue it, --overwrite to replace it, or another --out")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return RunDir(path)
+
+
+def update_latest(run: RunDir, runs_root: Path | None = None) -> None:
+    """Point <runs_root>/latest (default: the run's parent) at this run, atomically."""
+    root = runs_root or run.path.parent
+    link = root / LATEST
+    if link.exists() and not link.is_symlink():
+        return  # a real folder called 'latest' belongs to the user
+    tmp = root / f".{LATEST}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(run.path.resolve(), root.resolve()), target_is_directory=True)
+    os.replace(tmp, link)

@@ -1,0 +1,275 @@
+"""`dgkit distill`, `dgkit data check` and `dgkit methods`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dgkit.errors import DgkitError, require_extra
+
+EXAMPLES = """
+\b
+Examples:
+  dgkit distill --data ../shared/datasets/PACS --target sketch --method erm --steps 300
+  dgkit distill --data ./mydomains --target sketch --method kd --temperature 4
+  dgkit distill --data ./mydomains --target all --method erm      # leave-one-domain-out
+  dgkit distill --resume runs/latest                              # continue after Ctrl-C
+  dgkit distill --data ./d --target s --teacher ViT-B-32:/ckpts/open_clip_model.safetensors
+
+Method options (see `dgkit methods`) follow as --name value, e.g. --kd-weight 0.5.
+"""
+
+data_app = typer.Typer(help="Inspect a domain dataset.", no_args_is_help=True)
+
+
+def _method_options(args: list[str]) -> dict[str, str]:
+    """`--kd-weight 0.5 --temperature=4` -> {'kd_weight': '0.5', 'temperature': '4'}."""
+    out, i = {}, 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):
+            raise DgkitError(f"unexpected argument '{token}'; method options look like "
+                             "--name value (see dgkit methods)")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise DgkitError(f"--{name} needs a value")
+            value, i = args[i + 1], i + 1
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def distill(
+    ctx: typer.Context,
+    data: Annotated[Path | None, typer.Option(help="Root of <domain>/<class>/<image>.")] = None,
+    target: Annotated[list[str] | None, typer.Option(
+        help="Domain to hold out (repeatable), or 'all' for leave-one-domain-out.")] = None,
+    method: Annotated[str, typer.Option(help="erm, kd, ... (see dgkit methods).")] = "erm",
+    student: Annotated[str, typer.Option(
+        help="efficientnet_lite0, resnet18, resnet50, mobilenet_v3_large or timm:<name>.")
+    ] = "efficientnet_lite0",
+    student_weights: Annotated[str, typer.Option(
+        help="imagenet, none, or a path to a backbone state dict.")] = "imagenet",
+    teacher: Annotated[str | None, typer.Option(
+        help="open_clip MODEL:PRETRAINED or MODEL:/path/to/checkpoint "
+             "[default: ViT-B-32:openai for methods that need one].")] = None,
+    teacher_mode: Annotated[str, typer.Option(
+        help="cached: teacher embeds each image once; online: it sees the student's "
+             "augmented view, as in the papers.")] = "cached",
+    templates: Annotated[Path | None, typer.Option(
+        help="Prompt templates file, one per line with {} for the class name "
+             "[default: the method's authors' prompts, else RISE's ensemble].")] = None,
+    class_names: Annotated[Path | None, typer.Option(
+        help="File mapping class folders to prompt names (JSON or 'folder: name' lines).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Run directory [default: runs/<date>-<method>-<target>].")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue an interrupted run from its last checkpoint.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 3000,
+    batch_size: Annotated[int, typer.Option(
+        help="Images per step, split evenly over the source domains.")] = 96,
+    image_size: Annotated[int, typer.Option(help="Square input size of the student.")] = 224,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    weight_decay: Annotated[float, typer.Option()] = 1e-4,
+    schedule: Annotated[str, typer.Option(help="cosine, step or constant, after warm-up.")
+                        ] = "cosine",
+    warmup_steps: Annotated[int | None, typer.Option(
+        help="Linear warm-up steps [default: 5% of --steps, at most 500].")] = None,
+    eval_every: Annotated[int | None, typer.Option(
+        help="Evaluate every N steps [default: --steps / 10].")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="Checkpoint every N steps [default: --eval-every].")] = None,
+    average: Annotated[str, typer.Option(
+        help="Weight averaging: none, ema or swa (uniform over the last quarter).")] = "none",
+    ema_decay: Annotated[float, typer.Option()] = 0.999,
+    seed: Annotated[int, typer.Option(help="Seeds the split, sampling and augmentation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on GPU), fp32 or bf16.")] = "auto",
+    skip_bad: Annotated[bool, typer.Option(
+        help="Skip unreadable images instead of refusing to train.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Distill a student from the CLIP teacher with a domain-generalization method."""
+    require_extra("train", "torch")
+    from dgkit.distill.trainer import TrainConfig
+
+    extra = _method_options(ctx.args)
+    if resume is not None:
+        _resume(resume, quiet)
+        return
+    if data is None:
+        raise DgkitError("--data is required: the folder of <domain>/<class>/<image>")
+    if not target:
+        raise DgkitError("--target is required: the domain to hold out, or 'all'")
+    template_list = _read_templates(templates) if templates else None
+    if teacher and ":" in teacher:
+        model, _, pretrained = teacher.partition(":")
+        if Path(pretrained).expanduser().exists():  # stored absolute so --resume works anywhere
+            teacher = f"{model}:{Path(pretrained).expanduser().resolve()}"
+    base = dict(data=str(data.expanduser().resolve()), method=method, hparams=extra, student=student,
+                student_weights=student_weights, teacher=teacher, teacher_mode=teacher_mode,
+                templates=template_list,
+                class_names_file=str(class_names.resolve()) if class_names else None, seed=seed,
+                steps=steps, batch_size=batch_size, image_size=image_size, lr=lr,
+                optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+                warmup_steps=warmup_steps, eval_every=eval_every,
+                checkpoint_every=checkpoint_every, average=average, ema_decay=ema_decay,
+                precision=precision, device=device, skip_bad=skip_bad)
+    if target == ["all"]:
+        _leave_one_domain_out(base, out, overwrite, quiet)
+        return
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = out or Path("runs") / f"{stamp}-{method}-{'+'.join(target)}"
+    summary = _train_one(TrainConfig(targets=list(target), **base), out, overwrite, quiet)
+    _print_summary(summary, out)
+
+
+def _read_templates(path: Path) -> list[str]:
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except OSError as exc:
+        raise DgkitError(f"--templates file {path} cannot be read: {exc.strerror}") from exc
+    bad = [ln for ln in lines if "{}" not in ln]
+    if not lines or bad:
+        raise DgkitError(f"--templates file {path} needs one template per line, each with {{}} "
+                         f"for the class name ({'no lines' if not lines else repr(bad[0])})")
+    return lines
+
+
+def _train_one(config, out: Path, overwrite: bool, quiet: bool,
+               runs_root: Path | None = None) -> dict:
+    from dgkit.distill.trainer import Trainer
+    from dgkit.rundir import prepare_new_run, update_latest
+
+    trainer = Trainer(config, run=None, quiet=quiet)  # validates names before touching disk
+    run_config = trainer.run_config()
+    run = prepare_new_run(out, overwrite)
+    trainer.run = run
+    run.write_config(run_config)
+    update_latest(run, runs_root)
+    return trainer.train()
+
+
+def _resume(path: Path, quiet: bool) -> None:
+    from dgkit.distill.trainer import TrainConfig, Trainer
+    from dgkit.rundir import RunDir
+
+    run = RunDir(path)
+    if not path.exists():
+        raise DgkitError(f"--resume {path} does not exist")
+    config = TrainConfig(**run.config()["config"])
+    summary = Trainer(config, run, quiet=quiet).train(resume=True)
+    _print_summary(summary, path)
+
+
+def _leave_one_domain_out(base: dict, out: Path | None, overwrite: bool, quiet: bool) -> None:
+    from rich.table import Table
+
+    from dgkit.atomic import write_json
+    from dgkit.data import discover
+    from dgkit.distill.trainer import TrainConfig
+    from dgkit.progress import console
+
+    domains = discover(base["data"]).domains
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    parent = out or Path("runs") / f"{stamp}-{base['method']}-all"
+    results = {}
+    for domain in domains:
+        console.rule(f"target: {domain}")
+        summary = _train_one(TrainConfig(targets=[domain], **base), parent / domain, overwrite,
+                             quiet, runs_root=parent.parent)
+        results[domain] = summary["target_accuracy_mean"]
+    average = sum(results.values()) / len(results)
+    table = Table(title=f"Leave-one-domain-out, {base['method']} (training-domain validation)")
+    for domain in domains:
+        table.add_column(domain, justify="right")
+    table.add_column("average", justify="right")
+    table.add_row(*(f"{results[d]:.1f}" for d in domains), f"{average:.1f}")
+    console.print(table)
+    write_json(parent / "lodo.json", {"method": base["method"], "target_accuracy": results,
+                                      "average": average})
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from dgkit.progress import console
+
+    acc = summary.get("target_accuracy") or {}
+    text = ", ".join(f"{d} {a:.1f}" for d, a in acc.items())
+    console.print(f"[bold green]done[/]: {out}  target accuracy {text} at step "
+                  f"{summary.get('best_step')} (best source validation)")
+    if summary.get("teacher_zero_shot_accuracy"):
+        zs = ", ".join(f"{d} {a:.1f}" for d, a in summary["teacher_zero_shot_accuracy"].items())
+        console.print(f"teacher zero-shot: {zs}")
+    if summary.get("plumbing_check"):
+        console.print("[yellow]plumbing check:[/] the teacher has no published weights (a "
+                      "random or custom checkpoint), so these accuracies say nothing about "
+                      "the method")
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Root of <domain>/<class>/<image>.")],
+    workers: Annotated[int, typer.Option(help="Decoding threads.")] = 4,
+) -> None:
+    """Print the domain x class table and every unreadable image (exit 1 if any)."""
+    from rich.table import Table
+
+    from dgkit.data import decode_samples, discover
+    from dgkit.preprocess import PreprocessSpec
+    from dgkit.progress import console
+
+    data = discover(root)
+    counts = data.counts()
+    table = Table(title=f"{data.root}: {len(data.samples)} images")
+    table.add_column("domain")
+    for c in data.classes:
+        table.add_column(c, justify="right")
+    table.add_column("total", justify="right")
+    for d, name in enumerate(data.domains):
+        cells = [str(n) if n else "[red]0[/]" for n in counts[d]]
+        table.add_row(name, *cells, str(counts[d].sum()))
+    console.print(table)
+    for warning in data.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    decoded = decode_samples(data, range(len(data.samples)), PreprocessSpec(32, 32),
+                             "Decoding", workers=workers)
+    for path, why in decoded.bad:
+        console.print(f"[red]unreadable:[/] {path}: {why}")
+    console.print(f"{len(decoded.bad)} unreadable of {len(data.samples)} images")
+    if decoded.bad:
+        raise typer.Exit(1)
+
+
+def methods() -> None:
+    """List the distillation methods and their options with the authors' defaults."""
+    import dataclasses
+
+    from rich.table import Table
+
+    require_extra("train", "torch")
+    from dgkit.distill.methods import get_method, method_names
+    from dgkit.progress import console
+
+    table = Table(title="dgkit distill --method NAME [--option value ...]")
+    for column in ("method", "teacher", "what it does", "options (default)"):
+        table.add_column(column)
+    for name in method_names():
+        cls = get_method(name)
+        options = "\n".join(f"--{f.name.replace('_', '-')} ({f.default})"
+                            for f in dataclasses.fields(cls.Hparams))
+        table.add_row(name, "yes" if cls.needs_teacher else "no", cls.summary, options or "-")
+    console.print(table)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    app.command(epilog=EXAMPLES, context_settings={
+        "allow_extra_args": True, "ignore_unknown_options": True})(distill)
+    app.command()(methods)
+    app.add_typer(data_app, name="data")

@@ -1,0 +1,539 @@
+"""The trainer: DomainBed protocol, any registered method, checkpoints that resume exactly.
+
+Determinism: every random choice of step `s` (which images, which crops, dropout) comes from
+generators seeded with (seed, s), so a run resumed from a checkpoint repeats the uninterrupted
+run bit for bit on the same machine, and two CPU runs with one seed are identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import TextColumn
+from safetensors.torch import save_file
+
+from dgkit import __version__
+from dgkit.atomic import atomic_path, write_json
+from dgkit.data import (
+    DomainData,
+    check_targets,
+    decode_samples,
+    discover,
+    prompt_names,
+    split_sources,
+)
+from dgkit.distill.augment import augment
+from dgkit.distill.methods import Batch, MethodContext, get_method, hparams_dict, parse_hparams
+from dgkit.distill.students import Student, build_backbone
+from dgkit.distill.teacher import DEFAULT_TEACHER, RISE_TEMPLATES
+from dgkit.errors import DgkitError
+from dgkit.preprocess import PreprocessSpec
+from dgkit.progress import console, make_progress
+from dgkit.rundir import RunDir
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run; stored in run.json and read back by --resume."""
+
+    data: str
+    targets: list[str]
+    method: str = "erm"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    student: str = "efficientnet_lite0"
+    student_weights: str = "imagenet"
+    teacher: str | None = None
+    teacher_mode: str = "cached"
+    templates: list[str] | None = None
+    class_names_file: str | None = None
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 96
+    image_size: int = 224
+    lr: float = 3e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int | None = None
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    average: str = "none"
+    ema_decay: float = 0.999
+    swa_start: float = 0.75
+    precision: str = "auto"
+    channels_last: bool = True
+    device: str = "auto"
+    skip_bad: bool = False
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name, value, choices in [("--optimizer", self.optimizer, ("adamw", "sgd")),
+                                     ("--schedule", self.schedule, ("cosine", "step", "constant")),
+                                     ("--average", self.average, ("none", "ema", "swa")),
+                                     ("--teacher-mode", self.teacher_mode, ("cached", "online")),
+                                     ("--precision", self.precision, ("auto", "fp32", "bf16"))]:
+            if value not in choices:
+                raise DgkitError(f"{name} '{value}' is not one of: {', '.join(choices)}")
+        for name, value in [("--steps", self.steps), ("--batch-size", self.batch_size),
+                            ("--image-size", self.image_size)]:
+            if value < 1:
+                raise DgkitError(f"{name} must be at least 1, got {value}")
+        if self.lr <= 0:
+            raise DgkitError(f"--lr must be positive, got {self.lr}")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(500, self.steps // 20)
+
+    @property
+    def eval_interval(self) -> int:
+        return self.eval_every or max(1, self.steps // 10)
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint_every or self.eval_interval
+
+
+def step_seed(seed: int, step: int, what: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{step}:{what}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine to zero, steps of 0.1 at 1/3 and 2/3, or constant."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    if config.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "step":
+        return 0.1 ** int(progress * 3)
+    return 1.0
+
+
+def pick_device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+class DomainSampler:
+    """Balanced batches: each source domain contributes its share, walking its own seeded
+    epoch permutations, so the indices of step s depend only on (seed, s)."""
+
+    def __init__(self, domain_rows: list[np.ndarray], batch_size: int, seed: int) -> None:
+        self.rows = domain_rows
+        self.seed = seed
+        n = len(domain_rows)
+        self.shares = [batch_size // n + (1 if d < batch_size % n else 0) for d in range(n)]
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, d: int, epoch: int) -> np.ndarray:
+        key = (d, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 4 * len(self.rows):
+                self._perms.clear()
+            rng = np.random.default_rng(step_seed(self.seed, epoch, f"domain{d}"))
+            self._perms[key] = self.rows[d][rng.permutation(len(self.rows[d]))]
+        return self._perms[key]
+
+    def batch(self, step: int) -> np.ndarray:
+        out = []
+        for d, share in enumerate(self.shares):
+            n = len(self.rows[d])
+            positions = np.arange(step * share, (step + 1) * share)
+            out.extend(self._perm(d, p // n)[p % n] for p in positions)
+        return np.asarray(out, dtype=np.int64)
+
+
+@dataclass
+class Prepared:
+    """Everything the loop needs, built once: data on the device, model, method, teacher."""
+
+    data: DomainData
+    target_ids: list[int]
+    source_ids: list[int]
+    prompt_names: list[str]
+    pixels: torch.Tensor  # uint8 [N, 3, S, S] on the device, all decoded samples
+    labels: torch.Tensor
+    domains: torch.Tensor
+    train_rows: np.ndarray  # rows of `pixels`
+    val_rows: dict[str, np.ndarray]
+    target_rows: dict[str, np.ndarray]
+    teacher: Any
+    teacher_rows: torch.Tensor | None  # [N, D] cached teacher embeddings per pixel row
+    text: torch.Tensor | None  # [C, D]
+    bad: list[tuple[str, str]]
+
+
+def _accuracy(model: torch.nn.Module, prep: Prepared, rows: np.ndarray, batch: int,
+              device: torch.device, bf16: bool) -> float:
+    if len(rows) == 0:
+        return float("nan")
+    correct = 0
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        for i in range(0, len(rows), batch):
+            idx = torch.from_numpy(rows[i:i + batch]).to(device)
+            x = prep.pixels[idx].float() / 255.0
+            correct += (model(x).argmax(-1) == prep.labels[idx]).sum().item()
+    return 100.0 * correct / len(rows)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run: RunDir, quiet: bool = False) -> None:
+        self.config = config
+        self.run = run
+        self.quiet = quiet
+        self.device = pick_device(config)
+        self.bf16 = self.device.type == "cuda" and config.precision in ("auto", "bf16")
+        self.method_cls = get_method(config.method)
+        self.hparams = parse_hparams(self.method_cls, config.hparams)
+        if (fixed := self.method_cls.total_steps(self.hparams)) is not None:
+            config.steps = fixed
+        if self.method_cls.needs_teacher and not config.teacher:
+            config.teacher = DEFAULT_TEACHER
+        if config.templates is None:
+            config.templates = list(self.method_cls.templates or RISE_TEMPLATES)
+
+    # ---------------------------------------------------------------- preparation
+    def prepare(self) -> Prepared:
+        cfg = self.config
+        data = discover(cfg.data)
+        for warning in data.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        target_ids, source_ids = check_targets(data, cfg.targets)
+        names = prompt_names(data.classes, cfg.class_names_file)
+        train_idx, val_idx = split_sources(data, source_ids, cfg.seed)
+        target_idx = np.array([i for i, s in enumerate(data.samples) if s.domain in target_ids])
+        every = np.concatenate([train_idx, val_idx, target_idx])
+        spec = PreprocessSpec(input_size=cfg.image_size, resize_size=cfg.image_size)
+        decoded = decode_samples(data, every, spec,
+                                 None if self.quiet else f"Decoding {len(every)} images")
+        bad = [(str(p), why) for p, why in decoded.bad]
+        if bad and not cfg.skip_bad:
+            listing = "; ".join(f"{p} ({why})" for p, why in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise DgkitError(f"{len(bad)} image(s) cannot be decoded: {listing}{more}; fix or "
+                             "remove them (dgkit data check lists all), or pass --skip-bad")
+        if bad:
+            console.print(f"[yellow]warning:[/] skipped {len(bad)} unreadable image(s) "
+                          "(--skip-bad); dgkit data check lists them")
+        row_of = {int(s): r for r, s in enumerate(decoded.indices)}
+        rows = lambda idx: np.array([row_of[int(i)] for i in idx if int(i) in row_of],  # noqa: E731
+                                    dtype=np.int64)
+        labels = torch.tensor([data.samples[i].label for i in decoded.indices])
+        domains = torch.tensor([data.samples[i].domain for i in decoded.indices])
+        val_rows = {data.domains[d]: rows([i for i in val_idx if data.samples[i].domain == d])
+                    for d in source_ids}
+        target_rows = {data.domains[d]: rows([i for i in target_idx
+                                              if data.samples[i].domain == d])
+                       for d in target_ids}
+        pixels = torch.from_numpy(decoded.pixels).permute(0, 3, 1, 2).contiguous()
+        teacher = text = teacher_rows = None
+        if self.method_cls.needs_teacher or cfg.teacher:
+            from dgkit.distill import cache
+            from dgkit.distill.teacher import load_teacher
+
+            teacher = load_teacher(cfg.teacher, self.device)
+            text = cache.text_embeddings(teacher, self.run, names, cfg.templates).to(self.device)
+            teacher_rows = cache.image_embeddings(teacher, self.run, data, decoded.indices,
+                                                  decoded.hashes, self.device)
+        return Prepared(data, target_ids, source_ids, names, pixels.to(self.device),
+                        labels.to(self.device), domains.to(self.device), rows(train_idx),
+                        val_rows, target_rows, teacher,
+                        None if teacher_rows is None else teacher_rows.to(self.device), text, bad)
+
+    def build(self, prep: Prepared) -> tuple[Student, Any]:
+        cfg = self.config
+        ctx = MethodContext(
+            num_classes=len(prep.data.classes), class_names=prep.prompt_names,
+            source_domains=[prep.data.domains[d] for d in prep.source_ids],
+            total_steps=cfg.steps,
+            steps_per_epoch=max(1, math.ceil(len(prep.train_rows) / cfg.batch_size)),
+            num_images=len(prep.labels), text_embeddings=prep.text, teacher=prep.teacher)
+        torch.manual_seed(cfg.seed)
+        method = self.method_cls(self.hparams, ctx)
+        backbone = build_backbone(cfg.student, cfg.student_weights)
+        student = Student(backbone, method.build_head(backbone.feature_dim))
+        student, method = student.to(self.device), method.to(self.device)
+        if cfg.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        return student, method
+
+    # ---------------------------------------------------------------- the loop
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _averager(self, student: Student) -> torch.optim.swa_utils.AveragedModel | None:
+        from torch.optim import swa_utils
+
+        if self.config.average == "ema":
+            return swa_utils.AveragedModel(
+                student, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(self.config.ema_decay),
+                use_buffers=True)
+        if self.config.average == "swa":
+            return swa_utils.AveragedModel(student, use_buffers=True)
+        return None
+
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        cfg, run, device = self.config, self.run, self.device
+        prep = self.prepare()
+        student, method = self.build(prep)
+        params = [p for p in [*student.parameters(), *method.parameters()] if p.requires_grad]
+        optimizer = self._optimizer(params)
+        averager = self._averager(student)
+        sampler = DomainSampler(
+            [prep.train_rows[(prep.domains[torch.from_numpy(prep.train_rows).to(device)] == d)
+                             .cpu().numpy()] for d in prep.source_ids],
+            cfg.batch_size, cfg.seed)
+        state = {"step": 0, "best": None}
+        if resume and run.checkpoint.is_file():
+            state = self._load_checkpoint(student, method, optimizer, averager)
+            run.keep_metrics_until(state["step"])
+        elif not resume:
+            run.metrics.unlink(missing_ok=True)
+        writer = self._tensorboard(state["step"])
+        teacher_row = prep.teacher_rows
+        running: dict[str, float] = {}
+        counted, tick, step = 0, time.perf_counter(), state["step"]
+        bar = None if self.quiet else make_progress(TextColumn("{task.fields[info]}"))
+        task = bar.add_task("Training", total=cfg.steps, completed=step, info="") if bar else None
+        try:
+            if bar:
+                bar.start()
+            while step < cfg.steps:
+                student.train()
+                method.train()
+                method.set_trainable(student, step)
+                rows = torch.from_numpy(sampler.batch(step)).to(device)
+                gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, "augment"))
+                torch.manual_seed(step_seed(cfg.seed, step, "torch"))
+                images = augment(prep.pixels[rows], gen, cfg.image_size)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                batch = Batch(images, prep.labels[rows], prep.domains[rows], rows, step)
+                if prep.teacher is not None:
+                    emb = (prep.teacher.encode_images(images) if cfg.teacher_mode == "online"
+                           else teacher_row[rows])
+                    batch.teacher_embeddings = emb
+                    batch.teacher_logits = 100.0 * emb @ prep.text.T
+                batch = method.select(student, batch)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(cfg, step)
+                with torch.autocast(device.type, torch.bfloat16, enabled=self.bf16):
+                    features = student.features(batch.images)
+                    logits = student.head(features)
+                    terms = method.losses(student, features.float(), logits.float(), batch)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise DgkitError(f"the loss became {loss.item()} at step {step}; lower --lr "
+                                     f"(now {cfg.lr})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                method.after_step(step)
+                step += 1
+                if averager is not None and (cfg.average == "ema"
+                                             or step >= cfg.swa_start * cfg.steps):
+                    averager.update_parameters(student)
+                for k, v in terms.items():
+                    running[k] = running.get(k, 0.0) + v.item()
+                counted += 1
+                if bar:
+                    ips = counted * cfg.batch_size / max(1e-9, time.perf_counter() - tick)
+                    info = " ".join(f"{k} {v / counted:.3f}" for k, v in running.items())
+                    bar.update(task, completed=step, info=f"{info}  {ips:,.0f} img/s")
+                if step % cfg.eval_interval == 0 or step == cfg.steps:
+                    elapsed = time.perf_counter() - tick
+                    losses = {k: v / counted for k, v in running.items()}
+                    ips = counted * cfg.batch_size / max(1e-9, elapsed)
+                    self._evaluate(prep, averager.module if averager else student, step,
+                                   state, losses, ips, optimizer, writer)
+                    running, counted, tick = {}, 0, time.perf_counter()
+                if step % cfg.checkpoint_interval == 0 and step < cfg.steps:
+                    state["step"] = step
+                    self._save_checkpoint(state, student, method, optimizer, averager)
+        except KeyboardInterrupt:
+            if bar:
+                bar.stop()
+            state["step"] = step
+            self._save_checkpoint(state, student, method, optimizer, averager)
+            raise DgkitError(f"interrupted at step {step}; continue with dgkit distill "
+                             f"--resume {run.path}") from None
+        finally:
+            if bar:
+                bar.stop()
+            if writer:
+                writer.close()
+        run.checkpoint.unlink(missing_ok=True)
+        return self._write_summary(prep, state, finished=True)
+
+    # ---------------------------------------------------------------- evaluation
+    def _evaluate(self, prep: Prepared, model: torch.nn.Module, step: int, state: dict,
+                  losses: dict[str, float], ips: float, optimizer, writer) -> None:
+        cfg, dev = self.config, self.device
+        model.eval()
+        source = {d: _accuracy(model, prep, r, cfg.eval_batch_size, dev, self.bf16)
+                  for d, r in prep.val_rows.items()}
+        target = {d: _accuracy(model, prep, r, cfg.eval_batch_size, dev, self.bf16)
+                  for d, r in prep.target_rows.items()}
+        row = {"step": step, "source_val": source,
+               "source_val_mean": float(np.nanmean(list(source.values()))),
+               "target": target, "target_mean": float(np.nanmean(list(target.values()))),
+               "losses": losses, "lr": optimizer.param_groups[0]["lr"],
+               "images_per_s": round(ips, 1)}
+        self.run.append_metrics(row)
+        if writer:
+            for k, v in losses.items():
+                writer.add_scalar(f"loss/{k}", v, step)
+            for d, v in source.items():
+                writer.add_scalar(f"val/{d}", v, step)
+            for d, v in target.items():
+                writer.add_scalar(f"target/{d}", v, step)
+            writer.add_scalar("images_per_s", ips, step)
+        best = state["best"]
+        if best is None or row["source_val_mean"] > best["source_val_mean"]:
+            # Model selection on training-domain validation only: this is the deployable student.
+            state["best"] = {k: row[k] for k in ("step", "source_val", "source_val_mean",
+                                                 "target", "target_mean")}
+            weights = {k: v.detach().float().cpu().contiguous()
+                       for k, v in _plain_state(model).items()}
+            with atomic_path(self.run.student) as tmp:
+                save_file(weights, str(tmp), metadata={"step": str(step)})
+        if not self.quiet:
+            console.print(f"step {step}: source val {row['source_val_mean']:.1f}  "
+                          f"target {row['target_mean']:.1f}  "
+                          f"(best val at step {state['best']['step']})")
+        self._write_summary(prep, state, finished=False)
+
+    def _write_summary(self, prep: Prepared, state: dict, finished: bool) -> dict[str, Any]:
+        best = state["best"] or {}
+        teacher = None
+        if prep.teacher_rows is not None:
+            hits = (prep.teacher_rows @ prep.text.T).argmax(-1) == prep.labels
+            teacher = {prep.data.domains[d]: round(100.0 * hits[prep.domains == d].float()
+                                                   .mean().item(), 2)
+                       for d in range(len(prep.data.domains))}
+        summary = {
+            "finished": finished,
+            "target_domains": [prep.data.domains[d] for d in prep.target_ids],
+            "selection": "target accuracy at the step with the best mean source-validation "
+                         "accuracy (training-domain validation)",
+            "best_step": best.get("step"),
+            "target_accuracy": best.get("target"),
+            "target_accuracy_mean": best.get("target_mean"),
+            "source_val_accuracy": best.get("source_val"),
+            "source_val_accuracy_mean": best.get("source_val_mean"),
+            "teacher": self.config.teacher if prep.teacher is not None else None,
+            "teacher_zero_shot_accuracy": teacher,
+            "plumbing_check": self._plumbing_check(prep),
+            "skipped_images": len(prep.bad),
+        }
+        write_json(self.run.summary, summary)
+        return summary
+
+    def _plumbing_check(self, prep: Prepared) -> bool:
+        """True when the teacher is a local checkpoint of a model with no published weights:
+        its numbers only show that the pipeline runs."""
+        if prep.teacher is None or not prep.teacher.spec.is_path:
+            return False
+        import open_clip
+
+        return not open_clip.list_pretrained_tags_by_model(prep.teacher.spec.model)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, state, student, method, optimizer, averager) -> None:
+        payload = {"step": state["step"], "best": state["best"],
+                   "student": student.state_dict(), "method": method.state_dict(),
+                   "optimizer": optimizer.state_dict(),
+                   "averager": averager.state_dict() if averager else None}
+        with atomic_path(self.run.checkpoint) as tmp:
+            torch.save(payload, tmp)
+
+    def _load_checkpoint(self, student, method, optimizer, averager) -> dict:
+        try:
+            payload = torch.load(self.run.checkpoint, map_location=self.device,
+                                 weights_only=True)
+        except Exception as exc:
+            raise DgkitError(f"checkpoint {self.run.checkpoint} cannot be read ({exc}); "
+                             "start the run again with --overwrite") from exc
+        student.load_state_dict(payload["student"])
+        method.load_state_dict(payload["method"])
+        optimizer.load_state_dict(payload["optimizer"])
+        if averager is not None and payload["averager"] is not None:
+            averager.load_state_dict(payload["averager"])
+        return {"step": payload["step"], "best": payload["best"]}
+
+    def _tensorboard(self, start_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is in the train extra; training still works without
+            return None
+        return SummaryWriter(str(self.run.tensorboard), purge_step=start_step or None)
+
+    # ---------------------------------------------------------------- run.json
+    def run_config(self, prep_names: list[str] | None = None) -> dict[str, Any]:
+        import open_clip
+        import timm
+        import torchvision
+
+        cfg = dataclasses.asdict(self.config)
+        cfg["hparams"] = hparams_dict(self.hparams)
+        data = discover(self.config.data)
+        return {
+            "dgkit_version": __version__,
+            "config": cfg,
+            "data_root": str(data.root.resolve()),
+            "domains": data.domains,
+            "target_domains": self.config.targets,
+            "source_domains": [d for d in data.domains if d not in self.config.targets],
+            "classes": data.classes,
+            "prompt_names": prep_names or prompt_names(data.classes, self.config.class_names_file),
+            "student": self.config.student,
+            "method": self.config.method,
+            "teacher": self.config.teacher,
+            "seed": self.config.seed,
+            "image_size": self.config.image_size,
+            "preprocess": PreprocessSpec(self.config.image_size, self.config.image_size)
+            .to_dict(),
+            "versions": {"dgkit": __version__, "python": platform.python_version(),
+                         "torch": torch.__version__, "torchvision": torchvision.__version__,
+                         "timm": timm.__version__, "open_clip": open_clip.__version__,
+                         "numpy": np.__version__},
+            "host": {"device": str(self.device), "cpus": os.cpu_count()},
+        }
+
+
+def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of a Student, unwrapping an AveragedModel."""
+    module = getattr(model, "module", model)
+    return {k: v for k, v in module.state_dict().items() if k != "n_averaged"}
+
+
+def rebuild_student(config: dict[str, Any], weights: dict[str, torch.Tensor]) -> Student:
+    """The trained student of a run, from run.json and student.safetensors (for export)."""
+    cfg = TrainConfig(**config["config"])
+    method_cls = get_method(cfg.method)
+    ctx = MethodContext(num_classes=len(config["classes"]), class_names=config["prompt_names"],
+                        source_domains=config["source_domains"], total_steps=cfg.steps,
+                        steps_per_epoch=1, num_images=0)
+    method = method_cls(parse_hparams(method_cls, cfg.hparams), ctx)
+    backbone = build_backbone(cfg.student, "none")
+    student = Student(backbone, method.build_head(backbone.feature_dim))
+    student.load_state_dict(weights)
+    return student.eval()
+
