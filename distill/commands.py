@@ -113,8 +113,9 @@ def distill(
         model, _, pretrained = teacher.partition(":")
         if Path(pretrained).expanduser().exists():  # stored absolute so --resume works anywhere
             teacher = f"{model}:{Path(pretrained).expanduser().resolve()}"
-    base = dict(data=str(data.expanduser().resolve()), method=method, hparams=extra, student=student,
-                student_weights=student_weights, teacher=teacher, teacher_mode=teacher_mode,
+    base = dict(data=str(data.expanduser().resolve()), method=method, hparams=extra,
+                student=student, student_weights=student_weights, teacher=teacher,
+                teacher_mode=teacher_mode,
                 templates=template_list,
                 class_names_file=str(class_names.resolve()) if class_names else None, seed=seed,
                 steps=steps, batch_size=batch_size, image_size=image_size, lr=lr,
