@@ -38,7 +38,10 @@ for _module in ("dgkit.distill.commands", "dgkit.distill.bench_dg", "dgkit.serve
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, click returns a command's exit code instead of exiting.
+        result = app(standalone_mode=False)
+        if isinstance(result, int):
+            sys.exit(result)
     except DgkitError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)

@@ -127,8 +127,9 @@ def decode_image(source: ImageSource, draft_size: int | None = None) -> Image.Im
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{_name(source)} is too large to decode safely ({exc})") from exc
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
-        reason = "not an image" if isinstance(exc, Image.UnidentifiedImageError) else str(exc)
+    except Exception as exc:  # broken files raise OSError, EOFError, struct.error, IndexError...
+        reason = "not an image" if isinstance(exc, Image.UnidentifiedImageError) else (
+            str(exc) or type(exc).__name__)
         raise ImageError(f"{_name(source)} cannot be decoded: {reason}") from exc
     return _to_rgb(img)
 

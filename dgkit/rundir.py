@@ -8,9 +8,11 @@ Torch-free, so every stage (and the edge runtime) can read it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +86,35 @@ def resolve_run(arg: str | Path | None) -> RunDir:
     return RunDir(path.resolve())
 
 
-def prepare_new_run(path: Path, overwrite: bool) -> RunDir:
-    """Create an empty run directory, refusing to clobber an earlier run unless asked to."""
+@contextlib.contextmanager
+def new_run(path: Path, overwrite: bool) -> Iterator[RunDir]:
+    """Create a run directory, refusing to clobber an earlier run unless asked to.
+
+    If the new run fails before it writes a checkpoint or a student, it is removed and a run
+    that --overwrite set aside comes back, so a failed attempt loses nothing.
+    """
+    backup = None
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise DgkitError(f"run directory {path} already exists; pass --resume {path} to "
                              "continue it, --overwrite to replace it, or another --out")
-        shutil.rmtree(path)
+        backup = path.with_name(f".{path.name}.replaced")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(path, backup)
     path.mkdir(parents=True, exist_ok=True)
-    return RunDir(path)
+    run = RunDir(path)
+    try:
+        yield run
+    except BaseException:
+        if not run.student.is_file() and not run.checkpoint.is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            if backup is not None:
+                os.replace(backup, path)
+                backup = None
+        raise
+    finally:
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
 
 
 def update_latest(run: RunDir, runs_root: Path | None = None) -> None:

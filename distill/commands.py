@@ -147,15 +147,15 @@ def _read_templates(path: Path) -> list[str]:
 def _train_one(config, out: Path, overwrite: bool, quiet: bool,
                runs_root: Path | None = None) -> dict:
     from dgkit.distill.trainer import Trainer
-    from dgkit.rundir import prepare_new_run, update_latest
+    from dgkit.rundir import new_run, update_latest
 
-    trainer = Trainer(config, run=None, quiet=quiet)  # validates names before touching disk
-    run_config = trainer.run_config()
-    run = prepare_new_run(out, overwrite)
-    trainer.run = run
-    run.write_config(run_config)
-    update_latest(run, runs_root)
-    return trainer.train()
+    trainer = Trainer(config, run=None, quiet=quiet)
+    run_config = trainer.run_config()  # checks data, targets and names before touching disk
+    with new_run(out, overwrite) as run:
+        trainer.run = run
+        run.write_config(run_config)
+        update_latest(run, runs_root)
+        return trainer.train()
 
 
 def _resume(path: Path, quiet: bool) -> None:

@@ -110,14 +110,18 @@ def _timm(name: str, imagenet: bool) -> Backbone:
                     tuple(cfg.get("std", IMAGENET_STD)))
 
 
+def check_student_name(name: str) -> None:
+    if not name.startswith("timm:") and name not in _BUILDERS:
+        raise DgkitError(f"unknown student '{name}'; choose one of: {', '.join(student_names())}")
+
+
 def build_backbone(name: str, weights: str = "imagenet") -> Backbone:
     """`weights`: 'imagenet', 'none', or a path to a state dict of the backbone."""
+    check_student_name(name)
     if name.startswith("timm:"):
         build = lambda imagenet: _timm(name[5:], imagenet)  # noqa: E731
-    elif name in _BUILDERS:
-        build = _BUILDERS[name]
     else:
-        raise DgkitError(f"unknown student '{name}'; choose one of: {', '.join(student_names())}")
+        build = _BUILDERS[name]
     if weights in ("imagenet", "none"):
         return build(weights == "imagenet")
     backbone = build(False)

@@ -33,7 +33,7 @@ from dgkit.data import (
 )
 from dgkit.distill.augment import augment
 from dgkit.distill.methods import Batch, MethodContext, get_method, hparams_dict, parse_hparams
-from dgkit.distill.students import Student, build_backbone
+from dgkit.distill.students import Student, build_backbone, check_student_name
 from dgkit.distill.teacher import DEFAULT_TEACHER, RISE_TEMPLATES
 from dgkit.errors import DgkitError
 from dgkit.preprocess import PreprocessSpec
@@ -494,6 +494,8 @@ class Trainer:
         cfg = dataclasses.asdict(self.config)
         cfg["hparams"] = hparams_dict(self.hparams)
         data = discover(self.config.data)
+        check_targets(data, self.config.targets)
+        check_student_name(self.config.student)
         return {
             "dgkit_version": __version__,
             "config": cfg,

@@ -1,0 +1,241 @@
+"""CLI commands of the edge runtime: `dgkit predict`, `dgkit serve`, `dgkit bench infer`.
+
+Imported at every CLI start, so only typer and the standard library are imported at the top;
+numpy, onnxruntime and fastapi are imported inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from dgkit.errors import DgkitError, require_extra
+
+if TYPE_CHECKING:
+    from dgkit.serve.predictor import Prediction
+
+BACKEND_HELP = "auto | tensorrt | ort-trt | ort-cuda | ort-cpu"
+FORMATS = ("table", "json", "csv")
+# Same list as dgkit.data.IMAGE_SUFFIXES; not imported, so that serve depends on no training code.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+PROGRESS_MIN_FILES = 50  # below this a bar only flickers
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Add `predict` and `serve` to the main app and `infer` to the `bench` group."""
+    app.command("predict")(predict)
+    app.command("serve")(serve)
+    bench_app.command("infer")(bench_infer)
+
+
+def _collect(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Files as given plus images under folders (recursive); missing paths as error lines."""
+    files: list[Path] = []
+    missing: list[str] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()
+                                and p.suffix.lower() in IMAGE_SUFFIXES
+                                and not p.name.startswith(".")))
+        elif path.exists():
+            files.append(path)
+        else:
+            missing.append(f"{path} does not exist")
+    return files, missing
+
+
+def _pairs(r: Prediction) -> zip:
+    return zip(r.labels, r.probs, strict=True)
+
+
+LineFormat = Callable[[Path, "Prediction"], str]
+
+
+def _formatter(fmt: str, k: int, width: int) -> tuple[str | None, LineFormat]:
+    """A header line (or None) and a function giving one output line per image."""
+    if fmt == "json":
+        return None, lambda path, r: json.dumps({"path": str(path), **r.to_dict()})
+    if fmt == "csv":
+        def csv_line(cells: list[Any]) -> str:
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="").writerow(cells)
+            return buf.getvalue()
+
+        header = ["path"] + [f"{col}_{i}" for i in range(1, k + 1) for col in ("label", "prob")]
+        return csv_line(header), lambda path, r: csv_line(
+            [str(path)] + [v for lab, p in _pairs(r) for v in (lab, f"{p:.6f}")])
+    return None, lambda path, r: f"{str(path):<{width}}  " + "  ".join(
+        f"{lab} {p:.3f}" for lab, p in _pairs(r))
+
+
+def predict(
+    model: Annotated[Path, typer.Argument(help="dgkit .onnx model or TensorRT .plan engine.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (recursive).")],
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
+    fmt: Annotated[str, typer.Option("--format", help="table | json (lines) | csv.")] = "table",
+    backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
+) -> None:
+    """Classify images: one line per image; unreadable ones are reported and skipped (exit 1)."""
+    if fmt not in FORMATS:
+        raise DgkitError(f"unknown --format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    if top_k < 1 or batch_size < 1:
+        raise DgkitError("--top-k and --batch-size must be at least 1")
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import nullcontext
+
+    import numpy as np
+    from rich.markup import escape
+
+    from dgkit.preprocess import ImageError
+    from dgkit.progress import console, make_progress
+    from dgkit.serve.predictor import Predictor
+
+    files, missing = _collect(paths)
+    failed = list(missing)
+    if not files and not failed:
+        raise DgkitError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in "
+                         f"{', '.join(map(str, paths))}")
+    predictor = Predictor(model, backend)
+    console.print(f"[dim]{escape(model.name)} on backend {predictor.backend}: "
+                  f"{len(files)} image{'' if len(files) == 1 else 's'}[/dim]")
+    header, line = _formatter(fmt, min(top_k, len(predictor.classes)),
+                              min(60, max((len(str(f)) for f in files), default=0)))
+    # Under a live progress bar rich redirects sys.stdout to the terminal; when stdout is a pipe
+    # or file, write to it directly so results never land on stderr.
+    out = sys.stdout
+
+    def emit(text: str) -> None:
+        if out.isatty():
+            print(text)
+        else:
+            out.write(text + "\n")
+
+    def prepare(path: Path) -> np.ndarray | ImageError:
+        try:
+            return predictor.prepare(path)
+        except ImageError as exc:
+            return exc
+
+    for message in failed:
+        console.print(f"[red]skipped[/red] {escape(message)}", soft_wrap=True)
+    show_bar = len(files) >= PROGRESS_MIN_FILES
+    with (make_progress() if show_bar else nullcontext()) as progress, \
+            ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        task = progress.add_task("predict", total=len(files)) if progress else None
+        if header:
+            emit(header)
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            good: list[tuple[Path, np.ndarray]] = []
+            # Decoding in threads overlaps the files' I/O and PIL's C code, which drops the GIL.
+            for path, result in zip(chunk, pool.map(prepare, chunk), strict=True):
+                if isinstance(result, ImageError):
+                    failed.append(str(result))
+                    console.print(f"[red]skipped[/red] {escape(str(result))}", soft_wrap=True)
+                else:
+                    good.append((path, result))
+            if good:
+                preds = predictor.predict_prepared(np.stack([a for _, a in good]), top_k)
+                for (path, _), pred in zip(good, preds, strict=True):
+                    emit(line(path, pred))
+            if progress:
+                progress.advance(task, len(chunk))
+    if failed:
+        total = len(files) + len(missing)
+        console.print(f"[red]{len(failed)} of {total} images failed; the others were "
+                      "classified[/red]")
+        raise typer.Exit(1)
+
+
+def serve(
+    model: Annotated[Path, typer.Argument(help="dgkit .onnx model or TensorRT .plan engine.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_request_mb: Annotated[float, typer.Option("--max-request-mb",
+                                                  help="Larger requests get 413.")] = 10.0,
+    backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
+) -> None:
+    """Serve the model over HTTP: POST /predict (multipart 'file'), GET /health, GET /model."""
+    for module in ("fastapi", "uvicorn", "multipart"):
+        require_extra("serve", module)
+    if max_request_mb <= 0:
+        raise DgkitError(f"--max-request-mb must be positive, not {max_request_mb}")
+    if not 0 < port < 65536:
+        raise DgkitError(f"--port must be between 1 and 65535, not {port}")
+    import signal
+
+    import uvicorn
+
+    from dgkit.progress import console
+    from dgkit.serve.app import create_app
+    from dgkit.serve.predictor import Predictor
+
+    predictor = Predictor(model, backend)
+    app = create_app(predictor, max_request_mb)
+    console.print(f"serving {model.name} ({len(predictor.classes)} classes) on backend "
+                  f"{predictor.backend} at http://{host}:{port}")
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal under the
+    # handler that was there before it; a no-op one here makes a requested stop exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
+                server_header=False)
+
+
+def bench_infer(
+    model: Annotated[Path, typer.Argument(help="dgkit .onnx model or TensorRT .plan engine.")],
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated.")
+                           ] = "1,8,32",
+    backend: Annotated[str, typer.Option("--backend", help=f"Comma-separated: {BACKEND_HELP}")
+                       ] = "auto",
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per batch size.")] = 30,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")
+                        ] = None,
+) -> None:
+    """Latency p50/p95 and images/s per backend and batch size; preprocessing timed apart."""
+    try:
+        sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
+    except ValueError as exc:
+        raise DgkitError(f"--batch-sizes must be comma-separated integers, not "
+                         f"'{batch_sizes}'") from exc
+    if not sizes or min(sizes) < 1 or runs < 1:
+        raise DgkitError("--batch-sizes and --runs must be positive integers")
+    from rich.console import Console
+    from rich.table import Table
+
+    from dgkit.atomic import write_json
+    from dgkit.progress import console
+    from dgkit.serve.backends import check_backend
+    from dgkit.serve.bench import COLUMNS, HEADINGS, bench_predictor, host_info
+    from dgkit.serve.predictor import Predictor
+
+    names = [check_backend(b.strip()) for b in backend.split(",") if b.strip()]
+    rows: list[dict[str, Any]] = []
+    precision = ""
+    for name in names:
+        predictor = Predictor(model, name)
+        precision = predictor.meta.precision
+        console.print(f"[dim]benchmarking backend {predictor.backend} ({name})[/dim]")
+        rows.extend(bench_predictor(predictor, sizes, runs))
+
+    table = Table(title=f"{model.name} ({precision}): model call latency, preprocessing apart")
+    for heading in HEADINGS:
+        table.add_column(heading, justify="left" if heading == "backend" else "right")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in COLUMNS))
+    Console().print(table)
+    if json_out is not None:
+        write_json(json_out, {"model": str(model), "precision": precision, "host": host_info(),
+                              "image": "synthetic 640x480 JPEG", "columns": list(COLUMNS),
+                              "results": rows})
+        console.print(f"wrote {json_out}")

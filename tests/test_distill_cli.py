@@ -1,0 +1,194 @@
+"""`dgkit distill` end to end on tiny data: the run directory, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from cli_helpers import TINY, dgkit, error_line
+from safetensors.torch import load_file
+
+
+def _train(data, out, *extra, steps=6, cwd=None):
+    return dgkit("distill", "--data", data, "--target", "sketch", "--steps", steps,
+                 "--eval-every", "3", "--out", out, *TINY, *extra, cwd=cwd, check=True)
+
+
+def test_erm_writes_the_run_directory(tiny_domains, tmp_path):
+    _train(tiny_domains, tmp_path / "runs" / "erm", cwd=tmp_path)
+    run = tmp_path / "runs" / "erm"
+    config = json.loads((run / "run.json").read_text())
+    assert config["format"] == 1
+    assert config["classes"] == ["circle", "square", "triangle"]
+    assert config["target_domains"] == ["sketch"]
+    assert config["source_domains"] == ["cartoon", "photo"]
+    assert config["config"]["seed"] == 0 and config["versions"]["torch"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert set(rows[0]["source_val"]) == {"cartoon", "photo"}
+    summary = json.loads((run / "summary.json").read_text())
+    best = max(rows, key=lambda r: r["source_val_mean"])  # first best wins ties
+    best = next(r for r in rows if r["source_val_mean"] == best["source_val_mean"])
+    assert summary["best_step"] == best["step"]
+    assert summary["target_accuracy"] == best["target"]
+    assert summary["finished"] and summary["teacher_zero_shot_accuracy"] is None
+    weights = load_file(str(run / "student.safetensors"))
+    assert weights["head.weight"].shape == (3, 1280)
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    assert not (run / "checkpoint.pt").exists()
+    assert os.readlink(tmp_path / "runs" / "latest") == "erm"
+
+
+def test_kd_with_a_random_teacher_is_labelled_a_plumbing_check(tiny_domains, tiny_teacher,
+                                                                tmp_path):
+    proc = _train(tiny_domains, tmp_path / "kd", "--method", "kd", "--teacher", tiny_teacher,
+                  "--temperature", "4")
+    assert "plumbing check" in proc.stderr
+    summary = json.loads((tmp_path / "kd" / "summary.json").read_text())
+    assert summary["plumbing_check"] is True
+    assert set(summary["teacher_zero_shot_accuracy"]) == {"cartoon", "photo", "sketch"}
+    config = json.loads((tmp_path / "kd" / "run.json").read_text())
+    assert config["config"]["hparams"] == {"temperature": 4.0, "kd_weight": 1.0,
+                                           "ce_weight": 1.0}
+    cache = sorted(p.name for p in (tmp_path / "kd" / "cache").iterdir())
+    assert [c.split("-")[0] for c in cache] == ["image", "text"]
+    # A second run beside the first reuses its teacher embeddings instead of recomputing.
+    second = _train(tiny_domains, tmp_path / "kd2", "--method", "kd", "--teacher", tiny_teacher,
+                    "--teacher-mode", "online")
+    assert "Teacher embeddings" not in second.stderr
+    first_cache = load_file(str(tmp_path / "kd" / "cache" / cache[0]))["embeddings"]
+    second_cache = load_file(str(tmp_path / "kd2" / "cache" / cache[0]))["embeddings"]
+    assert first_cache.shape == second_cache.shape == (72, 32)
+
+
+def test_two_cpu_runs_with_one_seed_are_identical(tiny_domains, tmp_path):
+    _train(tiny_domains, tmp_path / "a")
+    _train(tiny_domains, tmp_path / "b")
+    a, b = load_file(str(tmp_path / "a" / "student.safetensors")), \
+        load_file(str(tmp_path / "b" / "student.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().replace("images_per_s", "") \
+        .split("\n")[0][:200] == (tmp_path / "b" / "metrics.jsonl").read_text() \
+        .split("\n")[0][:200]
+
+
+def _strip_speed(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        r.pop("images_per_s")
+    return rows
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_domains, tmp_path):
+    args = ["--steps", "30", "--eval-every", "5", "--checkpoint-every", "5"]
+    _train(tiny_domains, tmp_path / "whole", *args)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dgkit", "distill", "--data", str(tiny_domains), "--target",
+         "sketch", "--out", str(tmp_path / "killed"), *TINY, *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = dgkit("distill", "--resume", tmp_path / "killed", "--quiet", check=True)
+    assert resumed.returncode == 0
+    assert _strip_speed(tmp_path / "killed" / "metrics.jsonl") == \
+        _strip_speed(tmp_path / "whole" / "metrics.jsonl")
+    a = load_file(str(tmp_path / "whole" / "student.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "student.safetensors"))
+    assert all(torch_equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text()) == \
+        json.loads((tmp_path / "whole" / "summary.json").read_text())
+
+
+def torch_equal(x, y) -> bool:
+    return bool((x == y).all())
+
+
+def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_domains, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dgkit", "distill", "--data", str(tiny_domains), "--target",
+         "sketch", "--out", str(tmp_path / "run"), "--steps", "400", *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "run.json"
+    deadline = time.time() + 120
+    while not metrics.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(6)  # into the training loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "--resume" in err and (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{missing}", "--target", "sketch"], "data root .* does not exist"),
+    (["--data", "{data}", "--target", "clipart"], "names no domain .* cartoon, photo, sketch"),
+    (["--data", "{data}", "--target", "sketch", "--method", "nope"], "unknown method 'nope'"),
+    (["--data", "{data}", "--target", "sketch", "--student", "vgg"], "unknown student 'vgg'"),
+    (["--data", "{data}", "--target", "sketch", "--temperature", "3"],
+     "--temperature is not an option of --method erm"),
+    (["--data", "{data}"], "--target is required"),
+    (["--data", "{data}", "--target", "sketch", "--method", "kd", "--teacher",
+      "ViT-B-32:openai"], "cannot be fetched"),
+    (["--data", "{data}", "--target", "sketch", "--optimizer", "lion"], "--optimizer 'lion'"),
+])
+def test_bad_arguments_fail_in_one_line_and_write_nothing(tiny_domains, tmp_path, args,
+                                                         message):
+    args = [a.format(missing=tmp_path / "nowhere", data=tiny_domains) for a in args]
+    proc = dgkit("distill", *args, "--out", tmp_path / "run", *TINY)
+    assert proc.returncode == 2
+    assert pytest.importorskip("re").search(message, error_line(proc))
+    if "cannot be fetched" not in message:
+        assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_kept_unless_overwrite(tiny_domains, tmp_path):
+    _train(tiny_domains, tmp_path / "run", steps=3)
+    before = (tmp_path / "run" / "student.safetensors").read_bytes()
+    proc = dgkit("distill", "--data", tiny_domains, "--target", "sketch", "--steps", "3",
+                 "--out", tmp_path / "run", *TINY)
+    assert proc.returncode == 2 and "already exists" in error_line(proc)
+    assert (tmp_path / "run" / "student.safetensors").read_bytes() == before
+    _train(tiny_domains, tmp_path / "run", "--overwrite", "--seed", "1", steps=3)
+    assert (tmp_path / "run" / "student.safetensors").read_bytes() != before
+
+
+def test_corrupt_images_refuse_training_or_are_skipped(domains_copy, tmp_path):
+    bad = domains_copy / "photo" / "circle" / "001.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (domains_copy / "cartoon" / "square" / "002.png").write_bytes(b"")
+    proc = dgkit("distill", "--data", domains_copy, "--target", "sketch", "--steps", "3",
+                 "--out", tmp_path / "run", *TINY)
+    line = error_line(proc)
+    assert proc.returncode == 2 and "2 image(s) cannot be decoded" in line and str(bad) in line
+    assert "--skip-bad" in line
+    check = dgkit("data", "check", domains_copy)
+    assert check.returncode == 1 and "2 unreadable of 72 images" in check.stderr + check.stdout
+    ok = _train(domains_copy, tmp_path / "run2", "--skip-bad", steps=3)
+    assert "skipped 2 unreadable" in ok.stderr
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["skipped_images"] == 2
+
+
+def test_data_check_prints_the_count_table(tiny_domains):
+    proc = dgkit("data", "check", tiny_domains, check=True)
+    out = proc.stdout + proc.stderr
+    assert "72 images" in out and "triangle" in out and "0 unreadable of 72" in out
+
+
+def test_leave_one_domain_out_prints_the_table(tiny_domains, tmp_path):
+    proc = dgkit("distill", "--data", tiny_domains, "--target", "all", "--steps", "2",
+                 "--eval-every", "2", "--out", tmp_path / "lodo", *TINY, check=True)
+    result = json.loads((tmp_path / "lodo" / "lodo.json").read_text())
+    assert set(result["target_accuracy"]) == {"cartoon", "photo", "sketch"}
+    assert result["average"] == pytest.approx(sum(result["target_accuracy"].values()) / 3)
+    assert "average" in proc.stdout + proc.stderr
+    for d in ("cartoon", "photo", "sketch"):
+        assert (tmp_path / "lodo" / d / "summary.json").is_file()
