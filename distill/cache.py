@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from dgkit.atomic import atomic_path
 from dgkit.data import DomainData
+from dgkit.distill import distributed
 from dgkit.preprocess import PreprocessSpec, load_prepared
 from dgkit.progress import track
 from dgkit.rundir import RunDir
@@ -50,12 +51,16 @@ def cached_rows(run: RunDir, name: str, keys: Sequence[str],
             table.update({k: emb[i] for i, k in enumerate(stored) if k not in table})
     missing = [i for i, k in enumerate(keys) if k not in table]
     if missing:
-        fresh = compute(missing).float().cpu()
-        table.update({keys[i]: fresh[j] for j, i in enumerate(missing)})
+        # Under torchrun each rank computes a shard; every rank ends with all rows.
+        mine = missing[distributed.rank()::distributed.world()]
+        shards = distributed.all_gather_object((mine, compute(mine).float().cpu()
+                                                if mine else None))
+        for positions, rows in shards:
+            table.update({keys[i]: rows[j] for j, i in enumerate(positions)})
     ordered = list(dict.fromkeys(keys))
     out = torch.stack([table[k] for k in keys])
     own = run.cache / name
-    if missing or not own.is_file():
+    if distributed.is_main() and (missing or not own.is_file()):
         _write(own, torch.stack([table[k] for k in ordered]), ordered)
     return out
 

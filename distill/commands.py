@@ -98,8 +98,10 @@ def distill(
 ) -> None:
     """Distill a student from the CLIP teacher with a domain-generalization method."""
     require_extra("train", "torch")
+    from dgkit.distill import distributed
     from dgkit.distill.trainer import TrainConfig
 
+    distributed.init()
     extra = _method_options(ctx.args)
     if resume is not None:
         _resume(resume, quiet)
@@ -123,13 +125,18 @@ def distill(
                 warmup_steps=warmup_steps, eval_every=eval_every,
                 checkpoint_every=checkpoint_every, average=average, ema_decay=ema_decay,
                 precision=precision, device=device, skip_bad=skip_bad)
-    if target == ["all"]:
-        _leave_one_domain_out(base, out, overwrite, quiet)
-        return
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    # One name on every rank under torchrun.
+    stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
     out = out or Path("runs") / f"{stamp}-{method}-{'+'.join(target)}"
-    summary = _train_one(TrainConfig(targets=list(target), **base), out, overwrite, quiet)
-    _print_summary(summary, out)
+    try:
+        if target == ["all"]:
+            _leave_one_domain_out(base, out, overwrite, quiet)
+        else:
+            summary = _train_one(TrainConfig(targets=list(target), **base), out, overwrite,
+                                 quiet)
+            _print_summary(summary, out)
+    finally:
+        distributed.shutdown()
 
 
 def _read_templates(path: Path) -> list[str]:
@@ -146,16 +153,32 @@ def _read_templates(path: Path) -> list[str]:
 
 def _train_one(config, out: Path, overwrite: bool, quiet: bool,
                runs_root: Path | None = None) -> dict:
+    from dgkit.distill import distributed
     from dgkit.distill.trainer import Trainer
-    from dgkit.rundir import new_run, update_latest
+    from dgkit.rundir import RunDir, new_run, update_latest
 
     trainer = Trainer(config, run=None, quiet=quiet)
     run_config = trainer.run_config()  # checks data, targets and names before touching disk
-    with new_run(out, overwrite) as run:
-        trainer.run = run
-        run.write_config(run_config)
-        update_latest(run, runs_root)
-        return trainer.train()
+    if distributed.world() == 1:
+        with new_run(out, overwrite) as run:
+            trainer.run = run
+            run.write_config(run_config)
+            update_latest(run, runs_root)
+            return trainer.train()
+    # Under torchrun rank 0 creates the run directory; the others learn whether it could.
+    error = None
+    if distributed.is_main():
+        try:
+            with new_run(out, overwrite) as run:
+                run.write_config(run_config)
+                update_latest(run, runs_root)
+        except DgkitError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise DgkitError(error)
+    trainer.run = RunDir(out)
+    return trainer.train()
 
 
 def _resume(path: Path, quiet: bool) -> None:
@@ -170,7 +193,7 @@ def _resume(path: Path, quiet: bool) -> None:
     _print_summary(summary, path)
 
 
-def _leave_one_domain_out(base: dict, out: Path | None, overwrite: bool, quiet: bool) -> None:
+def _leave_one_domain_out(base: dict, parent: Path, overwrite: bool, quiet: bool) -> None:
     from rich.table import Table
 
     from dgkit.atomic import write_json
@@ -179,14 +202,15 @@ def _leave_one_domain_out(base: dict, out: Path | None, overwrite: bool, quiet: 
     from dgkit.progress import console
 
     domains = discover(base["data"]).domains
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    parent = out or Path("runs") / f"{stamp}-{base['method']}-all"
     results = {}
     for domain in domains:
         console.rule(f"target: {domain}")
         summary = _train_one(TrainConfig(targets=[domain], **base), parent / domain, overwrite,
                              quiet, runs_root=parent.parent)
-        results[domain] = summary["target_accuracy_mean"]
+        if summary:  # empty on torchrun ranks other than 0
+            results[domain] = summary["target_accuracy_mean"]
+    if not results:
+        return
     average = sum(results.values()) / len(results)
     table = Table(title=f"Leave-one-domain-out, {base['method']} (training-domain validation)")
     for domain in domains:
@@ -201,6 +225,8 @@ def _leave_one_domain_out(base: dict, out: Path | None, overwrite: bool, quiet: 
 def _print_summary(summary: dict, out: Path) -> None:
     from dgkit.progress import console
 
+    if not summary:  # a torchrun rank other than 0
+        return
     acc = summary.get("target_accuracy") or {}
     text = ", ".join(f"{d} {a:.1f}" for d, a in acc.items())
     console.print(f"[bold green]done[/]: {out}  target accuracy {text} at step "

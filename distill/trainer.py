@@ -31,6 +31,7 @@ from dgkit.data import (
     prompt_names,
     split_sources,
 )
+from dgkit.distill import distributed
 from dgkit.distill.augment import augment
 from dgkit.distill.methods import Batch, MethodContext, get_method, hparams_dict, parse_hparams
 from dgkit.distill.students import Student, build_backbone, check_student_name
@@ -123,7 +124,9 @@ def lr_factor(config: TrainConfig, step: int) -> float:
 
 def pick_device(config: TrainConfig) -> torch.device:
     if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(config.device)
 
 
@@ -193,7 +196,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, run: RunDir, quiet: bool = False) -> None:
         self.config = config
         self.run = run
-        self.quiet = quiet
+        self.quiet = quiet or not distributed.is_main()
         self.device = pick_device(config)
         self.bf16 = self.device.type == "cuda" and config.precision in ("auto", "bf16")
         self.method_cls = get_method(config.method)
@@ -306,7 +309,7 @@ class Trainer:
             run.keep_metrics_until(state["step"])
         elif not resume:
             run.metrics.unlink(missing_ok=True)
-        writer = self._tensorboard(state["step"])
+        writer = self._tensorboard(state["step"]) if distributed.is_main() else None
         teacher_row = prep.teacher_rows
         running: dict[str, float] = {}
         counted, tick, step = 0, time.perf_counter(), state["step"]
@@ -323,6 +326,9 @@ class Trainer:
                 gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, "augment"))
                 torch.manual_seed(step_seed(cfg.seed, step, "torch"))
                 images = augment(prep.pixels[rows], gen, cfg.image_size)
+                if distributed.world() > 1:  # the same global batch everywhere; one slice each
+                    mine = slice(distributed.rank(), None, distributed.world())
+                    rows, images = rows[mine], images[mine]
                 if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 batch = Batch(images, prep.labels[rows], prep.domains[rows], rows, step)
@@ -344,7 +350,9 @@ class Trainer:
                                      f"(now {cfg.lr})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(params)
                 optimizer.step()
+                distributed.sync_buffers(student)
                 method.after_step(step)
                 step += 1
                 if averager is not None and (cfg.average == "ema"
@@ -357,21 +365,24 @@ class Trainer:
                     ips = counted * cfg.batch_size / max(1e-9, time.perf_counter() - tick)
                     info = " ".join(f"{k} {v / counted:.3f}" for k, v in running.items())
                     bar.update(task, completed=step, info=f"{info}  {ips:,.0f} img/s")
-                if step % cfg.eval_interval == 0 or step == cfg.steps:
+                if distributed.is_main() and (step % cfg.eval_interval == 0
+                                              or step == cfg.steps):
                     elapsed = time.perf_counter() - tick
                     losses = {k: v / counted for k, v in running.items()}
                     ips = counted * cfg.batch_size / max(1e-9, elapsed)
                     self._evaluate(prep, averager.module if averager else student, step,
                                    state, losses, ips, optimizer, writer)
                     running, counted, tick = {}, 0, time.perf_counter()
-                if step % cfg.checkpoint_interval == 0 and step < cfg.steps:
+                if (distributed.is_main() and step % cfg.checkpoint_interval == 0
+                        and step < cfg.steps):
                     state["step"] = step
                     self._save_checkpoint(state, student, method, optimizer, averager)
         except KeyboardInterrupt:
             if bar:
                 bar.stop()
             state["step"] = step
-            self._save_checkpoint(state, student, method, optimizer, averager)
+            if distributed.is_main():
+                self._save_checkpoint(state, student, method, optimizer, averager)
             raise DgkitError(f"interrupted at step {step}; continue with dgkit distill "
                              f"--resume {run.path}") from None
         finally:
@@ -379,6 +390,8 @@ class Trainer:
                 bar.stop()
             if writer:
                 writer.close()
+        if not distributed.is_main():
+            return {}
         run.checkpoint.unlink(missing_ok=True)
         return self._write_summary(prep, state, finished=True)
 
