@@ -92,6 +92,8 @@ def distill(
     seed: Annotated[int, typer.Option(help="Seeds the split, sampling and augmentation.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on GPU), fp32 or bf16.")] = "auto",
+    compile: Annotated[bool, typer.Option(
+        help="torch.compile the student backbone (faster on GPU after a warm-up).")] = False,
     skip_bad: Annotated[bool, typer.Option(
         help="Skip unreadable images instead of refusing to train.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -124,7 +126,7 @@ def distill(
                 optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                 warmup_steps=warmup_steps, eval_every=eval_every,
                 checkpoint_every=checkpoint_every, average=average, ema_decay=ema_decay,
-                precision=precision, device=device, skip_bad=skip_bad)
+                precision=precision, device=device, skip_bad=skip_bad, compile=compile)
     # One name on every rank under torchrun.
     stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
     out = out or Path("runs") / f"{stamp}-{method}-{'+'.join(target)}"

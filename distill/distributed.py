@@ -56,6 +56,8 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     if world() == 1:
         return
     for p in params:
+        if not p.requires_grad:  # frozen this step (a staged method), on every rank alike
+            continue
         if p.grad is None:  # every rank must join every all_reduce
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)

@@ -35,7 +35,7 @@ from dgkit.distill import distributed
 from dgkit.distill.augment import augment
 from dgkit.distill.methods import Batch, MethodContext, get_method, hparams_dict, parse_hparams
 from dgkit.distill.students import Student, build_backbone, check_student_name
-from dgkit.distill.teacher import DEFAULT_TEACHER, RISE_TEMPLATES
+from dgkit.distill.teacher import DEFAULT_TEACHER, RISE_TEMPLATES, TEACHER_LOGIT_SCALE
 from dgkit.errors import DgkitError
 from dgkit.preprocess import PreprocessSpec
 from dgkit.progress import console, make_progress
@@ -76,6 +76,7 @@ class TrainConfig:
     device: str = "auto"
     skip_bad: bool = False
     eval_batch_size: int = 256
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name, value, choices in [("--optimizer", self.optimizer, ("adamw", "sgd")),
@@ -179,6 +180,19 @@ class Prepared:
     bad: list[tuple[str, str]]
 
 
+@dataclass
+class Session:
+    """The mutable training objects of one run."""
+
+    prep: Prepared
+    student: Student
+    method: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    averager: Any
+    sampler: DomainSampler
+
+
 def _accuracy(model: torch.nn.Module, prep: Prepared, rows: np.ndarray, batch: int,
               device: torch.device, bf16: bool) -> float:
     if len(rows) == 0:
@@ -271,6 +285,8 @@ class Trainer:
         student, method = student.to(self.device), method.to(self.device)
         if cfg.channels_last:
             student = student.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            student.backbone.compile()  # in place: state_dict keys stay the same
         return student, method
 
     # ---------------------------------------------------------------- the loop
@@ -279,7 +295,8 @@ class Trainer:
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay, nesterov=True)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=self.device.type == "cuda")
 
     def _averager(self, student: Student) -> torch.optim.swa_utils.AveragedModel | None:
         from torch.optim import swa_utils
@@ -292,97 +309,107 @@ class Trainer:
             return swa_utils.AveragedModel(student, use_buffers=True)
         return None
 
-    def train(self, resume: bool = False) -> dict[str, Any]:
-        cfg, run, device = self.config, self.run, self.device
-        prep = self.prepare()
+    def setup(self, prep: Prepared) -> Session:
+        """Student, method, optimiser, averager and sampler for a prepared run."""
         student, method = self.build(prep)
         params = [p for p in [*student.parameters(), *method.parameters()] if p.requires_grad]
-        optimizer = self._optimizer(params)
-        averager = self._averager(student)
+        train_rows = torch.from_numpy(prep.train_rows).to(self.device)
         sampler = DomainSampler(
-            [prep.train_rows[(prep.domains[torch.from_numpy(prep.train_rows).to(device)] == d)
-                             .cpu().numpy()] for d in prep.source_ids],
-            cfg.batch_size, cfg.seed)
+            [prep.train_rows[(prep.domains[train_rows] == d).cpu().numpy()]
+             for d in prep.source_ids], self.config.batch_size, self.config.seed)
+        return Session(prep, student, method, params, self._optimizer(params),
+                       self._averager(student), sampler)
+
+    def step(self, s: Session, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step; every random choice is seeded by (seed, step)."""
+        cfg, device, prep = self.config, self.device, s.prep
+        s.student.train()
+        s.method.train()
+        s.method.set_trainable(s.student, step)
+        rows = torch.from_numpy(s.sampler.batch(step)).to(device)
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, "augment"))
+        torch.manual_seed(step_seed(cfg.seed, step, "torch"))
+        images = augment(prep.pixels[rows], gen, cfg.image_size)
+        if distributed.world() > 1:  # the same global batch everywhere; one slice each
+            mine = slice(distributed.rank(), None, distributed.world())
+            rows, images = rows[mine], images[mine]
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        batch = Batch(images, prep.labels[rows], prep.domains[rows], rows, step)
+        if prep.teacher is not None:
+            if cfg.teacher_mode == "online":
+                with torch.autocast(device.type, torch.bfloat16, enabled=self.bf16):
+                    emb = prep.teacher.encode_images(images)
+            else:
+                emb = prep.teacher_rows[rows]
+            batch.teacher_embeddings = emb
+            batch.teacher_logits = TEACHER_LOGIT_SCALE * emb @ prep.text.T
+        batch = s.method.select(s.student, batch)
+        for group in s.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, step)
+        with torch.autocast(device.type, torch.bfloat16, enabled=self.bf16):
+            features = s.student.features(batch.images)
+            logits = s.student.head(features)
+            terms = s.method.losses(s.student, features.float(), logits.float(), batch)
+        s.optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        distributed.average_gradients(s.params)
+        s.optimizer.step()
+        distributed.sync_buffers(s.student)
+        s.method.after_step(step)
+        if s.averager is not None and (cfg.average == "ema"
+                                       or step + 1 >= cfg.swa_start * cfg.steps):
+            s.averager.update_parameters(s.student)
+        return terms
+
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        cfg, run = self.config, self.run
+        s = self.setup(prep := self.prepare())
         state = {"step": 0, "best": None}
         if resume and run.checkpoint.is_file():
-            state = self._load_checkpoint(student, method, optimizer, averager)
+            state = self._load_checkpoint(s)
             run.keep_metrics_until(state["step"])
         elif not resume:
             run.metrics.unlink(missing_ok=True)
-        writer = self._tensorboard(state["step"]) if distributed.is_main() else None
-        teacher_row = prep.teacher_rows
-        running: dict[str, float] = {}
-        counted, tick, step = 0, time.perf_counter(), state["step"]
+        main = distributed.is_main()
+        writer = self._tensorboard(state["step"]) if main else None
+        running: dict[str, torch.Tensor] = {}  # summed on the device: no sync per step
+        counted, tick, step, next_report = 0, time.perf_counter(), state["step"], 0.0
         bar = None if self.quiet else make_progress(TextColumn("{task.fields[info]}"))
         task = bar.add_task("Training", total=cfg.steps, completed=step, info="") if bar else None
         try:
             if bar:
                 bar.start()
             while step < cfg.steps:
-                student.train()
-                method.train()
-                method.set_trainable(student, step)
-                rows = torch.from_numpy(sampler.batch(step)).to(device)
-                gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, "augment"))
-                torch.manual_seed(step_seed(cfg.seed, step, "torch"))
-                images = augment(prep.pixels[rows], gen, cfg.image_size)
-                if distributed.world() > 1:  # the same global batch everywhere; one slice each
-                    mine = slice(distributed.rank(), None, distributed.world())
-                    rows, images = rows[mine], images[mine]
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                batch = Batch(images, prep.labels[rows], prep.domains[rows], rows, step)
-                if prep.teacher is not None:
-                    emb = (prep.teacher.encode_images(images) if cfg.teacher_mode == "online"
-                           else teacher_row[rows])
-                    batch.teacher_embeddings = emb
-                    batch.teacher_logits = 100.0 * emb @ prep.text.T
-                batch = method.select(student, batch)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(cfg, step)
-                with torch.autocast(device.type, torch.bfloat16, enabled=self.bf16):
-                    features = student.features(batch.images)
-                    logits = student.head(features)
-                    terms = method.losses(student, features.float(), logits.float(), batch)
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    raise DgkitError(f"the loss became {loss.item()} at step {step}; lower --lr "
-                                     f"(now {cfg.lr})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(params)
-                optimizer.step()
-                distributed.sync_buffers(student)
-                method.after_step(step)
+                terms = self.step(s, step)
                 step += 1
-                if averager is not None and (cfg.average == "ema"
-                                             or step >= cfg.swa_start * cfg.steps):
-                    averager.update_parameters(student)
                 for k, v in terms.items():
-                    running[k] = running.get(k, 0.0) + v.item()
+                    running[k] = running.get(k, 0.0) + v.detach()
                 counted += 1
-                if bar:
+                evaluate = main and (step % cfg.eval_interval == 0 or step == cfg.steps)
+                if evaluate or time.perf_counter() > next_report:  # twice a second at most
+                    next_report = time.perf_counter() + 0.5
+                    losses = {k: v.item() / counted for k, v in running.items()}
+                    if not all(math.isfinite(v) for v in losses.values()):
+                        raise DgkitError(f"the loss became {losses} by step {step}; lower --lr "
+                                         f"(now {cfg.lr})")
                     ips = counted * cfg.batch_size / max(1e-9, time.perf_counter() - tick)
-                    info = " ".join(f"{k} {v / counted:.3f}" for k, v in running.items())
-                    bar.update(task, completed=step, info=f"{info}  {ips:,.0f} img/s")
-                if distributed.is_main() and (step % cfg.eval_interval == 0
-                                              or step == cfg.steps):
-                    elapsed = time.perf_counter() - tick
-                    losses = {k: v / counted for k, v in running.items()}
-                    ips = counted * cfg.batch_size / max(1e-9, elapsed)
-                    self._evaluate(prep, averager.module if averager else student, step,
-                                   state, losses, ips, optimizer, writer)
+                    if bar:
+                        info = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
+                        bar.update(task, completed=step, info=f"{info}  {ips:,.0f} img/s")
+                if evaluate:
+                    model = s.averager.module if s.averager else s.student
+                    self._evaluate(prep, model, step, state, losses, ips, s.optimizer, writer)
                     running, counted, tick = {}, 0, time.perf_counter()
-                if (distributed.is_main() and step % cfg.checkpoint_interval == 0
-                        and step < cfg.steps):
+                if main and step % cfg.checkpoint_interval == 0 and step < cfg.steps:
                     state["step"] = step
-                    self._save_checkpoint(state, student, method, optimizer, averager)
+                    self._save_checkpoint(state, s)
         except KeyboardInterrupt:
             if bar:
                 bar.stop()
             state["step"] = step
-            if distributed.is_main():
-                self._save_checkpoint(state, student, method, optimizer, averager)
+            if main:
+                self._save_checkpoint(state, s)
             raise DgkitError(f"interrupted at step {step}; continue with dgkit distill "
                              f"--resume {run.path}") from None
         finally:
@@ -390,7 +417,7 @@ class Trainer:
                 bar.stop()
             if writer:
                 writer.close()
-        if not distributed.is_main():
+        if not main:
             return {}
         run.checkpoint.unlink(missing_ok=True)
         return self._write_summary(prep, state, finished=True)
@@ -469,26 +496,26 @@ class Trainer:
         return not open_clip.list_pretrained_tags_by_model(prep.teacher.spec.model)
 
     # ---------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, state, student, method, optimizer, averager) -> None:
+    def _save_checkpoint(self, state: dict, s: Session) -> None:
         payload = {"step": state["step"], "best": state["best"],
-                   "student": student.state_dict(), "method": method.state_dict(),
-                   "optimizer": optimizer.state_dict(),
-                   "averager": averager.state_dict() if averager else None}
+                   "student": s.student.state_dict(), "method": s.method.state_dict(),
+                   "optimizer": s.optimizer.state_dict(),
+                   "averager": s.averager.state_dict() if s.averager else None}
         with atomic_path(self.run.checkpoint) as tmp:
             torch.save(payload, tmp)
 
-    def _load_checkpoint(self, student, method, optimizer, averager) -> dict:
+    def _load_checkpoint(self, s: Session) -> dict:
         try:
             payload = torch.load(self.run.checkpoint, map_location=self.device,
                                  weights_only=True)
         except Exception as exc:
             raise DgkitError(f"checkpoint {self.run.checkpoint} cannot be read ({exc}); "
                              "start the run again with --overwrite") from exc
-        student.load_state_dict(payload["student"])
-        method.load_state_dict(payload["method"])
-        optimizer.load_state_dict(payload["optimizer"])
-        if averager is not None and payload["averager"] is not None:
-            averager.load_state_dict(payload["averager"])
+        s.student.load_state_dict(payload["student"])
+        s.method.load_state_dict(payload["method"])
+        s.optimizer.load_state_dict(payload["optimizer"])
+        if s.averager is not None and payload["averager"] is not None:
+            s.averager.load_state_dict(payload["averager"])
         return {"step": payload["step"], "best": payload["best"]}
 
     def _tensorboard(self, start_step: int):
