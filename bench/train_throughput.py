@@ -111,13 +111,13 @@ def time_plain(args, student: str) -> float:
     model = Student(backbone, torch.nn.Linear(backbone.feature_dim, len(data.classes)))
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    done, start = 0, None
+    start = 0.0
 
     def batches():
         while True:
             yield from loader
 
-    for images, labels in batches():
+    for done, (images, labels) in enumerate(batches()):
         if done == args.warmup:
             sync(device)
             start = time.perf_counter()
@@ -128,7 +128,6 @@ def time_plain(args, student: str) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        done += 1
     sync(device)
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
