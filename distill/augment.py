@@ -20,35 +20,40 @@ GRAYSCALE_P = 0.1
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=gen)
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without a pageable copy, which would wait for the GPU to drain."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, out_size: int) -> torch.Tensor:
     """uint8 [B, 3, S, S] -> float [B, 3, out, out] in [0, 1]."""
-    b = images.shape[0]
-    area = _uniform(b, *SCALE, gen)
-    ratio = torch.exp(_uniform(b, math.log(RATIO[0]), math.log(RATIO[1]), gen))
+    b, dev = images.shape[0], images.device
+    # Every draw for the batch in one host tensor, sent in one copy.
+    u = to_device(torch.rand(9, b, generator=gen), dev)
+    area = SCALE[0] + (SCALE[1] - SCALE[0]) * u[0]
+    ratio = torch.exp(math.log(RATIO[0]) + (math.log(RATIO[1]) - math.log(RATIO[0])) * u[1])
     w = torch.sqrt(area * ratio).clamp(max=1.0)
     h = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = _uniform(b, -1, 1, gen) * (1 - w)
-    cy = _uniform(b, -1, 1, gen) * (1 - h)
-    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
-    brightness, contrast, saturation = (_uniform(b, 1 - JITTER, 1 + JITTER, gen) for _ in range(3))
-    gray = torch.rand(b, generator=gen) < GRAYSCALE_P
+    flip = torch.where(u[4] < 0.5, -1.0, 1.0)
+    brightness, contrast, saturation = (1 - JITTER + 2 * JITTER * u[i] for i in (5, 6, 7))
+    gray = (u[8] < GRAYSCALE_P).view(b, 1, 1, 1)
 
-    dev = images.device
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta.to(dev), [b, 3, out_size, out_size], align_corners=False)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, (2 * u[2] - 1) * (1 - w)
+    theta[:, 1, 1], theta[:, 1, 2] = h, (2 * u[3] - 1) * (1 - h)
+    grid = F.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
     x = F.grid_sample(images.float() / 255.0, grid, mode="bilinear", padding_mode="reflection",
                       align_corners=False)
-    luma = torch.tensor(_LUMA, device=dev).view(1, 3, 1, 1)
-    x = x * brightness.to(dev).view(b, 1, 1, 1)
-    mean = (x * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = (x - mean) * contrast.to(dev).view(b, 1, 1, 1) + mean
-    y = (x * luma).sum(1, keepdim=True)
-    x = (x - y) * saturation.to(dev).view(b, 1, 1, 1) + y
-    x = torch.where(gray.to(dev).view(b, 1, 1, 1), (x * luma).sum(1, keepdim=True).expand_as(x), x)
+    x = x * brightness.view(b, 1, 1, 1)
+    mean = _gray(x).mean((2, 3), keepdim=True)
+    x = (x - mean) * contrast.view(b, 1, 1, 1) + mean
+    y = _gray(x)
+    x = (x - y) * saturation.view(b, 1, 1, 1) + y
+    x = torch.where(gray, _gray(x).expand_as(x), x)
     return x.clamp_(0.0, 1.0)

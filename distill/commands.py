@@ -56,18 +56,18 @@ def distill(
         help="imagenet, none, or a path to a backbone state dict.")] = "imagenet",
     teacher: Annotated[str | None, typer.Option(
         help="open_clip MODEL:PRETRAINED or MODEL:/path/to/checkpoint "
-             "[default: ViT-B-32:openai for methods that need one].")] = None,
+             "(default: ViT-B-32:openai for methods that need one).")] = None,
     teacher_mode: Annotated[str, typer.Option(
         help="cached: teacher embeds each image once; online: it sees the student's "
              "augmented view, as in the papers.")] = "cached",
     templates: Annotated[Path | None, typer.Option(
         help="Prompt templates file, one per line with {} for the class name "
-             "[default: the method's authors' prompts, else RISE's ensemble].")] = None,
+             "(default: the method's authors' prompts, else RISE's ensemble).")] = None,
     class_names: Annotated[Path | None, typer.Option(
         help="File mapping class folders to prompt names (JSON or 'folder: name' lines).")
     ] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Run directory [default: runs/<date>-<method>-<target>].")] = None,
+        help="Run directory (default: runs/<date>-<method>-<target>).")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue an interrupted run from its last checkpoint.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
@@ -81,11 +81,11 @@ def distill(
     schedule: Annotated[str, typer.Option(help="cosine, step or constant, after warm-up.")
                         ] = "cosine",
     warmup_steps: Annotated[int | None, typer.Option(
-        help="Linear warm-up steps [default: 5% of --steps, at most 500].")] = None,
+        help="Linear warm-up steps (default: 5% of --steps, at most 500).")] = None,
     eval_every: Annotated[int | None, typer.Option(
-        help="Evaluate every N steps [default: --steps / 10].")] = None,
+        help="Evaluate every N steps (default: --steps / 10).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
-        help="Checkpoint every N steps [default: --eval-every].")] = None,
+        help="Checkpoint every N steps (default: --eval-every).")] = None,
     average: Annotated[str, typer.Option(
         help="Weight averaging: none, ema or swa (uniform over the last quarter).")] = "none",
     ema_decay: Annotated[float, typer.Option()] = 0.999,

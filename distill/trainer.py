@@ -12,6 +12,8 @@ import hashlib
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +34,7 @@ from dgkit.data import (
     split_sources,
 )
 from dgkit.distill import distributed
-from dgkit.distill.augment import augment
+from dgkit.distill.augment import augment, to_device
 from dgkit.distill.methods import Batch, MethodContext, get_method, hparams_dict, parse_hparams
 from dgkit.distill.students import Student, build_backbone, check_student_name
 from dgkit.distill.teacher import DEFAULT_TEACHER, RISE_TEMPLATES, TEACHER_LOGIT_SCALE
@@ -180,6 +182,26 @@ class Prepared:
     bad: list[tuple[str, str]]
 
 
+class _StopAtStepBoundary:
+    """Ctrl-C finishes the current step before the checkpoint, so the checkpoint's step count
+    matches its weights and a resume repeats nothing; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 @dataclass
 class Session:
     """The mutable training objects of one run."""
@@ -287,6 +309,8 @@ class Trainer:
             student = student.to(memory_format=torch.channels_last)
         if cfg.compile:
             student.backbone.compile()  # in place: state_dict keys stay the same
+            if prep.teacher is not None and cfg.teacher_mode == "online":
+                prep.teacher.model.visual.compile()
         return student, method
 
     # ---------------------------------------------------------------- the loop
@@ -326,7 +350,7 @@ class Trainer:
         s.student.train()
         s.method.train()
         s.method.set_trainable(s.student, step)
-        rows = torch.from_numpy(s.sampler.batch(step)).to(device)
+        rows = to_device(torch.from_numpy(s.sampler.batch(step)), device)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, "augment"))
         torch.manual_seed(step_seed(cfg.seed, step, "torch"))
         images = augment(prep.pixels[rows], gen, cfg.image_size)
@@ -377,10 +401,13 @@ class Trainer:
         counted, tick, step, next_report = 0, time.perf_counter(), state["step"], 0.0
         bar = None if self.quiet else make_progress(TextColumn("{task.fields[info]}"))
         task = bar.add_task("Training", total=cfg.steps, completed=step, info="") if bar else None
+        stop = _StopAtStepBoundary()
         try:
             if bar:
                 bar.start()
             while step < cfg.steps:
+                if stop.requested:
+                    raise KeyboardInterrupt
                 terms = self.step(s, step)
                 step += 1
                 for k, v in terms.items():
@@ -413,6 +440,7 @@ class Trainer:
             raise DgkitError(f"interrupted at step {step}; continue with dgkit distill "
                              f"--resume {run.path}") from None
         finally:
+            stop.restore()
             if bar:
                 bar.stop()
             if writer:

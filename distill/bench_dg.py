@@ -1,0 +1,261 @@
+"""`dgkit bench dg`: leave-one-domain-out for several methods and seeds, as a DomainBed table.
+
+Every (method, seed, target domain) is one ordinary run directory, trained the way
+`dgkit distill` trains (commands._train_one), under OUT/runs/<method>-seed<k>-<target>/. All runs
+are siblings, so they share the teacher embedding caches. A run whose summary.json says
+finished is reused, one with a checkpoint is resumed, so an interrupted benchmark continues
+where it stopped. A run directory made with other settings is an error, never silently reused.
+
+Each cell is the target accuracy at the step with the best source-validation accuracy
+(DomainBed's training-domain validation: summary.json's target_accuracy), as mean ± sample
+standard deviation over the seeds; Avg averages the domains within each seed first.
+Results go to OUT/dg_table.md and OUT/dg_table.json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dgkit.errors import DgkitError, require_extra
+
+EXAMPLES = """
+\b
+Examples:
+  dgkit bench dg --data ../shared/datasets/PACS --methods erm,kd,rise --seeds 3 --out bench/pacs
+  dgkit bench dg --data ./d --methods erm,psd --seeds 2 --steps 500 --out bench/d  # again: reuses
+"""
+
+
+def bench_dg(
+    data: Annotated[Path, typer.Option(help="Root of <domain>/<class>/<image>.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods (see dgkit methods).")
+                       ] = "erm,kd,rise,scmd,vl2v,psd",
+    seeds: Annotated[int, typer.Option(help="Seeds 0..N-1 for every method and target.")] = 3,
+    out: Annotated[Path | None, typer.Option(
+        help="Benchmark folder; finished runs in it are reused (default: "
+             "runs/bench-dg-<date>).")] = None,
+    student: Annotated[str, typer.Option(help="Student network (see dgkit distill --help).")
+                       ] = "efficientnet_lite0",
+    student_weights: Annotated[str, typer.Option(
+        help="imagenet, none, or a path to a backbone state dict.")] = "imagenet",
+    teacher: Annotated[str | None, typer.Option(
+        help="open_clip MODEL:PRETRAINED or MODEL:/path/to/checkpoint "
+             "(default: ViT-B-32:openai for methods that need one).")] = None,
+    teacher_mode: Annotated[str, typer.Option(help="cached or online.")] = "cached",
+    templates: Annotated[Path | None, typer.Option(
+        help="Prompt templates file for every method (default: each method's authors').")
+    ] = None,
+    class_names: Annotated[Path | None, typer.Option(
+        help="File mapping class folders to prompt names.")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps per run (vl2v sets its own).")
+                     ] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 96,
+    image_size: Annotated[int, typer.Option(help="Square input size of the student.")] = 224,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    weight_decay: Annotated[float, typer.Option()] = 1e-4,
+    schedule: Annotated[str, typer.Option(help="cosine, step or constant.")] = "cosine",
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")
+                                ] = None,
+    average: Annotated[str, typer.Option(help="Weight averaging: none, ema or swa.")] = "none",
+    ema_decay: Annotated[float, typer.Option()] = 0.999,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Leave-one-domain-out benchmark of distillation methods over seeds (DomainBed table)."""
+    require_extra("train", "torch")
+    from dgkit.distill import distributed
+
+    distributed.init()  # under torchrun every run is data-parallel; rank 0 writes the table
+    try:
+        _bench(data, methods, seeds, out, quiet, dict(
+            student=student, student_weights=student_weights, teacher=teacher,
+            teacher_mode=teacher_mode, templates=templates, class_names_file=class_names,
+            steps=steps, batch_size=batch_size, image_size=image_size, lr=lr,
+            optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+            warmup_steps=warmup_steps, eval_every=eval_every, checkpoint_every=checkpoint_every,
+            average=average, ema_decay=ema_decay, precision=precision, device=device,
+            skip_bad=skip_bad))
+    finally:
+        distributed.shutdown()
+
+
+def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
+           settings: dict[str, Any]) -> None:
+    from dgkit.atomic import write_json, write_text
+    from dgkit.data import discover
+    from dgkit.distill import distributed
+    from dgkit.distill.commands import _read_templates
+    from dgkit.distill.methods import get_method
+    from dgkit.progress import console
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not names or len(set(names)) != len(names):
+        raise DgkitError(f"--methods needs distinct method names, got '{methods}'")
+    for name in names:
+        get_method(name)
+    if seeds < 1:
+        raise DgkitError(f"--seeds must be at least 1, got {seeds}")
+    domains = discover(data).domains
+    if len(domains) < 2:
+        raise DgkitError(f"{data} has {len(domains)} domain(s); leave-one-domain-out needs 2+")
+    teacher = settings["teacher"]
+    if teacher and ":" in teacher:  # stored absolute, as dgkit distill does
+        model, _, pretrained = teacher.partition(":")
+        if Path(pretrained).expanduser().exists():
+            settings["teacher"] = f"{model}:{Path(pretrained).expanduser().resolve()}"
+    if settings["templates"]:
+        settings["templates"] = _read_templates(settings["templates"])
+    if settings["class_names_file"]:
+        settings["class_names_file"] = str(Path(settings["class_names_file"]).resolve())
+    settings["data"] = str(data.expanduser().resolve())
+    stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = out or Path("runs") / f"bench-dg-{stamp}"
+    accuracy: dict[str, dict[int, dict[str, float]]] = {}
+    runs: dict[str, dict[int, dict[str, str]]] = {}
+    plumbing = False
+    for name in names:
+        for seed in range(seeds):
+            for domain in domains:
+                path = out / "runs" / f"{name}-seed{seed}-{domain}"
+                if distributed.is_main():
+                    console.rule(f"{name}, seed {seed}, target {domain}")
+                summary = run_one(dict(settings, method=name, seed=seed, targets=[domain]),
+                                  path, out, quiet)
+                if not summary:  # torchrun ranks other than 0
+                    continue
+                accuracy.setdefault(name, {}).setdefault(seed, {})[domain] = (
+                    summary["target_accuracy"][domain])
+                runs.setdefault(name, {}).setdefault(seed, {})[domain] = str(path)
+                plumbing = plumbing or bool(summary.get("plumbing_check"))
+    if not distributed.is_main():
+        return
+    result = {"data": settings["data"], "domains": domains, "methods": names,
+              "seeds": list(range(seeds)),
+              "selection": "training-domain validation (target accuracy at the step with the "
+                           "best mean source-validation accuracy)",
+              "settings": settings, "plumbing_check": plumbing,
+              "results": {n: table_row(accuracy[n], domains) for n in names}, "runs": runs}
+    write_json(out / "dg_table.json", result)
+    write_text(out / "dg_table.md", markdown(result))
+    _print(result)
+    console.print(f"wrote {out / 'dg_table.md'} and {out / 'dg_table.json'}")
+
+
+def run_one(config: dict[str, Any], path: Path, root: Path, quiet: bool) -> dict[str, Any]:
+    """Train one run, resume it from its checkpoint, or reuse it when it has finished."""
+    from dgkit.distill import distributed
+    from dgkit.distill.commands import _train_one
+    from dgkit.distill.trainer import TrainConfig, Trainer
+    from dgkit.progress import console
+    from dgkit.rundir import RunDir
+
+    say = console.print if distributed.is_main() else (lambda *args: None)
+    config = TrainConfig(**config)
+    run = RunDir(path)
+    if run.run_json.is_file():
+        _check_same(Trainer(config, run=None, quiet=True), run)
+        summary = _read_json(run.summary)
+        if summary.get("finished"):
+            say(f"reusing finished run {path}")
+            return summary
+        if run.checkpoint.is_file():
+            say(f"resuming {path}")
+            return Trainer(TrainConfig(**run.config()["config"]), run, quiet=quiet).train(
+                resume=True)
+    return _train_one(config, path, overwrite=True, quiet=quiet, runs_root=root)
+
+
+def _check_same(trainer, run) -> None:
+    """Refuse to reuse a run directory whose run.json was made with other settings."""
+    import dataclasses
+
+    from dgkit.distill.methods import hparams_dict
+
+    wanted = dataclasses.asdict(trainer.config)
+    wanted["hparams"] = hparams_dict(trainer.hparams)
+    wanted = json.loads(json.dumps(wanted))
+    stored = run.config().get("config", {})
+    differ = sorted(k for k in set(wanted) | set(stored) if wanted.get(k) != stored.get(k))
+    if differ:
+        raise DgkitError(f"{run.path} holds a run made with other settings ({', '.join(differ)}"
+                         "); pass another --out or delete that run directory")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
+def table_row(per_seed: dict[int, dict[str, float]], domains: list[str]) -> dict[str, Any]:
+    """Per target domain and on average: mean, sample std and values over the seeds."""
+    seeds = sorted(per_seed)
+    return {"target_accuracy": {d: _stats([per_seed[s][d] for s in seeds]) for d in domains},
+            "average": _stats([statistics.fmean(per_seed[s][d] for d in domains)
+                               for s in seeds])}
+
+
+def _cell(stats: dict[str, Any]) -> str:
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    domains, s = result["domains"], result["settings"]
+    lines = [
+        "# Leave-one-domain-out (DomainBed protocol)", "",
+        f"Data: `{result['data']}`; student {s['student']} ({s['student_weights']} weights); "
+        f"teacher {s['teacher'] or 'default (ViT-B-32:openai where a method needs one)'}; "
+        f"{s['steps']} steps, batch {s['batch_size']}, image {s['image_size']} px; seeds "
+        f"{', '.join(map(str, result['seeds']))}.", "",
+        "Model selection: training-domain validation. Cells: target-domain accuracy (%), mean "
+        "± sample standard deviation over seeds.", "",
+        "| Method | " + " | ".join(domains) + " | Avg |",
+        "|---|" + "---:|" * (len(domains) + 1),
+    ]
+    for name in result["methods"]:
+        row = result["results"][name]
+        cells = [_cell(row["target_accuracy"][d]) for d in domains] + [_cell(row["average"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result["plumbing_check"]:
+        lines += ["", "**Plumbing check:** the teacher has no published weights (a random or "
+                  "custom checkpoint), so these accuracies say nothing about the methods."]
+    return "\n".join(lines) + "\n"
+
+
+def _print(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from dgkit.progress import console
+
+    table = Table(title="Leave-one-domain-out, training-domain validation (mean ± std over "
+                        f"{len(result['seeds'])} seed(s))")
+    table.add_column("method")
+    for d in [*result["domains"], "Avg"]:
+        table.add_column(d, justify="right")
+    for name in result["methods"]:
+        row = result["results"][name]
+        table.add_row(name, *(_cell(row["target_accuracy"][d]) for d in result["domains"]),
+                      _cell(row["average"]))
+    console.print(table)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    bench_app.command("dg", epilog=EXAMPLES)(bench_dg)

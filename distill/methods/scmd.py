@@ -1,0 +1,125 @@
+"""SCMD: selective cross-modality distillation (Leng, Li and Wang, TMLR 2024).
+
+Follows the official code (github.com/SeanLeng1/SCMD, class SCMD in
+`DomainBed/domainbed/algorithms.py`).
+
+    loss = CE(z_s, y) + l1 * KD_T(z_t, z_s) + l2 * KD_T(z_t, exp(s) * norm(P f) . t^T)
+    T = 3, l1 = l2 = 0.5, P = Linear(d, D, bias=False), s = log(1 / 0.07) learned,
+    clamped to [0, log 100] after every step; t from the prompt "this is a photo of a {}".
+
+Hard-sample selection: while step <= int(select_until * total_steps) (the official
+`step <= int(5000 * (1 - last_k_epoch))`), the per-sample CE is computed without gradient and
+only the top int(select_fraction * batch) samples by that loss (at least one) are used for the
+whole update; afterwards the full batch. The selection forward runs in eval mode: the official
+student's BatchNorm is frozen (eval) and its dropout is 0, and eval mode here leaves no trace
+(running statistics, dropout draws) of the extra forward pass.
+
+--freeze-bn (default true) keeps the student's BatchNorm layers in eval mode during training, as
+the official ResNet student does; --freeze-bn false lets them adapt (dgkit's erm/kd).
+
+P and s belong to the method: they are trained and checkpointed, not exported.
+
+Deviations: D is the teacher's embedding width; s is trained with the run's learning rate and
+schedule, where the official code gives it its own Adam group with lr 1e-4; under torchrun each
+rank keeps the top fraction of its own slice of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgkit.distill.methods.base import Batch, Method, MethodContext, kd_loss, register
+from dgkit.errors import DgkitError
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode (running statistics fixed, still trainable)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@register
+class SCMD(Method):
+    name = "scmd"
+    summary = ("CE + KD + cross-modal KD through a projector onto the text embeddings, on the "
+               "hardest samples of each batch for most of training")
+    needs_teacher = True
+    templates = ("this is a photo of a {}",)
+
+    @dataclass
+    class Hparams:
+        temperature: float = 3.0
+        kd_weight: float = 0.5  # lambda1
+        cm_weight: float = 0.5  # lambda2, on the cross-modal term
+        select_fraction: float = 0.2  # worst_case_p
+        select_until: float = 0.75  # 1 - last_k_epoch
+        freeze_bn: bool = True
+
+        def __post_init__(self) -> None:
+            if not 0.0 < self.select_fraction <= 1.0:
+                raise DgkitError(f"--select-fraction must be in (0, 1], got "
+                                 f"{self.select_fraction}")
+            if not 0.0 <= self.select_until <= 1.0:
+                raise DgkitError(f"--select-until must be in [0, 1], got {self.select_until}")
+
+    def __init__(self, hparams: Hparams, ctx: MethodContext) -> None:
+        super().__init__(hparams, ctx)
+        text = ctx.text_embeddings
+        self.register_buffer("text", None if text is None else text.detach().float().clone(),
+                             persistent=False)
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
+        self.projector: nn.Linear | None = None
+
+    def build_head(self, feature_dim: int) -> nn.Module:
+        width = 1 if self.text is None else self.text.shape[1]  # 1: rebuilt for export, unused
+        self.projector = nn.Linear(feature_dim, width, bias=False)
+        return nn.Linear(feature_dim, self.ctx.num_classes)
+
+    def selecting(self, step: int) -> bool:
+        return step <= int(self.hp.select_until * self.ctx.total_steps)
+
+    def select(self, student: nn.Module, batch: Batch) -> Batch:
+        if not self.selecting(batch.step):
+            return batch
+        keep = max(1, int(len(batch.labels) * self.hp.select_fraction))
+        modes = [(m, m.training) for m in student.modules()]
+        student.eval()
+        try:
+            with torch.no_grad():
+                loss = F.cross_entropy(student(batch.images).float(), batch.labels,
+                                       reduction="none")
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        order = torch.sort(loss, descending=True, stable=True).indices
+        return batch.subset(order[:keep])
+
+    def set_trainable(self, student, step):
+        if self.hp.freeze_bn:
+            freeze_batchnorm(student)
+
+    def cross_modal_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """exp(s) * norm(P f) . t^T"""
+        p = F.normalize(self.projector(features).float(), dim=-1)
+        return self.logit_scale.exp() * p @ self.text.t()
+
+    def losses(self, student, features, logits, batch):
+        hp, z_t = self.hp, batch.teacher_logits
+        return {
+            "ce": F.cross_entropy(logits, batch.labels),
+            "kd": hp.kd_weight * kd_loss(z_t, logits, hp.temperature),
+            "cm": hp.cm_weight * kd_loss(z_t, self.cross_modal_logits(features),
+                                         hp.temperature),
+        }
+
+    def after_step(self, step):
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)

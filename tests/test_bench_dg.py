@@ -1,0 +1,86 @@
+"""`dgkit bench dg`: leave-one-domain-out for 2 methods x 2 seeds on the tiny domains, the
+DomainBed table it writes, and a second invocation that reuses the finished runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import pytest
+from typer.testing import CliRunner
+
+from dgkit.errors import DgkitError
+
+
+@pytest.mark.slow
+def test_bench_dg_writes_the_table_and_reuses_runs(domains_copy, tiny_teacher, tmp_path,
+                                                   monkeypatch):
+    from dgkit.cli import app
+    from dgkit.distill.trainer import Trainer
+
+    shutil.rmtree(domains_copy / "photo")  # two domains: cartoon, sketch
+    out = tmp_path / "bench"
+    args = ["bench", "dg", "--data", str(domains_copy), "--methods", "erm,kd", "--seeds", "2",
+            "--teacher", tiny_teacher, "--student", "timm:test_resnet", "--student-weights",
+            "none", "--image-size", "32", "--batch-size", "6", "--steps", "2", "--out", str(out),
+            "--quiet"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    table = json.loads((out / "dg_table.json").read_text())
+    assert table["domains"] == ["cartoon", "sketch"]
+    assert table["methods"] == ["erm", "kd"] and table["seeds"] == [0, 1]
+    for method in ("erm", "kd"):
+        row = table["results"][method]
+        per_seed = {}
+        for seed in (0, 1):
+            for domain in ("cartoon", "sketch"):
+                run = out / "runs" / f"{method}-seed{seed}-{domain}"
+                assert table["runs"][method][str(seed)][domain] == str(run)
+                summary = json.loads((run / "summary.json").read_text())
+                assert summary["finished"] is True
+                config = json.loads((run / "run.json").read_text())["config"]
+                assert (config["method"], config["seed"], config["targets"]) == (
+                    method, seed, [domain])
+                per_seed.setdefault(seed, {})[domain] = summary["target_accuracy"][domain]
+        for domain in ("cartoon", "sketch"):
+            values = [per_seed[s][domain] for s in (0, 1)]
+            cell = row["target_accuracy"][domain]
+            assert cell["per_seed"] == values
+            assert cell["mean"] == pytest.approx(statistics.fmean(values))
+            assert cell["std"] == pytest.approx(statistics.stdev(values))
+        averages = [statistics.fmean(per_seed[s].values()) for s in (0, 1)]
+        assert row["average"]["mean"] == pytest.approx(statistics.fmean(averages))
+    markdown = (out / "dg_table.md").read_text()
+    assert "| Method | cartoon | sketch | Avg |" in markdown
+    kd = table["results"]["kd"]
+    assert (f"| kd | {kd['target_accuracy']['cartoon']['mean']:.1f} ± "
+            f"{kd['target_accuracy']['cartoon']['std']:.1f} |") in markdown
+    assert "Plumbing check" in markdown  # the tiny teacher has no published weights
+
+    # Again: every finished run is reused; one whose summary says unfinished is trained again.
+    summary_path = out / "runs" / "erm-seed1-sketch" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps(dict(summary, finished=False)))
+    trained = []
+    original = Trainer.train
+
+    def counting_train(self, resume=False):
+        trained.append((self.config.method, self.config.seed, self.config.targets))
+        return original(self, resume)
+
+    monkeypatch.setattr(Trainer, "train", counting_train)
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert trained == [("erm", 1, ["sketch"])]
+    assert json.loads(summary_path.read_text())["finished"] is True
+    again = json.loads((out / "dg_table.json").read_text())
+    assert again["results"]["kd"] == table["results"]["kd"]
+
+    # A run directory made with other settings is refused, not reused.
+    longer = list(args)
+    longer[args.index("--steps") + 1] = "3"
+    with pytest.raises(DgkitError, match="other settings"):
+        CliRunner().invoke(app, longer, catch_exceptions=False)
+    assert trained == [("erm", 1, ["sketch"])]
