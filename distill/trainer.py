@@ -389,6 +389,9 @@ class Trainer:
     def train(self, resume: bool = False) -> dict[str, Any]:
         cfg, run = self.config, self.run
         s = self.setup(prep := self.prepare())
+        if distributed.is_main() and prep.text is not None:
+            # Heads as wide as the teacher's embedding can then be rebuilt without the teacher.
+            run.write_config({**run.config(), "teacher_embed_dim": prep.text.shape[1]})
         state = {"step": 0, "best": None}
         if resume and run.checkpoint.is_file():
             state = self._load_checkpoint(s)
@@ -598,9 +601,12 @@ def rebuild_student(config: dict[str, Any], weights: dict[str, torch.Tensor]) ->
     """The trained student of a run, from run.json and student.safetensors (for export)."""
     cfg = TrainConfig(**config["config"])
     method_cls = get_method(cfg.method)
+    width = config.get("teacher_embed_dim")
+    # A placeholder of the right shape: the trained values come with the weights.
+    text = torch.zeros(len(config["classes"]), width) if width else None
     ctx = MethodContext(num_classes=len(config["classes"]), class_names=config["prompt_names"],
                         source_domains=config["source_domains"], total_steps=cfg.steps,
-                        steps_per_epoch=1, num_images=0)
+                        steps_per_epoch=1, num_images=0, text_embeddings=text)
     method = method_cls(parse_hparams(method_cls, cfg.hparams), ctx)
     backbone = build_backbone(cfg.student, "none")
     student = Student(backbone, method.build_head(backbone.feature_dim))

@@ -105,11 +105,12 @@ def test_rise_anchor_options():
         RISE.Hparams(anchors=" , ")
 
 
-def test_rise_head_rebuilt_without_teacher_takes_the_stored_width():
+def test_rise_head_rebuilt_from_a_placeholder_of_the_stored_width():
     torch.manual_seed(1)
     text = torch.nn.functional.normalize(torch.randn(3, D), dim=-1)
     trained = RISE(RISE.Hparams(), context(FakeTeacher(D), text)).build_head(6)
-    rebuilt = RISE(RISE.Hparams(), context()).build_head(6)  # export: no teacher, no text
+    # Export rebuilds without the teacher: zeros as wide as run.json's teacher_embed_dim.
+    rebuilt = RISE(RISE.Hparams(), context(None, torch.zeros(3, D))).build_head(6)
     rebuilt.load_state_dict(trained.state_dict())
     f = torch.randn(2, 6)
     assert rebuilt.proj.weight.shape == (D, 6) and rebuilt.proj.out_features == D

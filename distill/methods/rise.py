@@ -38,48 +38,18 @@ from dgkit.errors import DgkitError
 QUALITY_ANCHORS = ["bright photo", "corrupted photo", "dark photo", "good photo"]
 
 
-def adopt_shapes_on_load(module: nn.Module) -> None:
-    """Let `module` take the shapes of the tensors loaded into it.
-
-    A head whose width is the teacher's embedding size D cannot know D when the student is
-    rebuilt from a run directory without the teacher (export); it is built with a placeholder
-    width and resized to the stored tensors by this load_state_dict pre-hook.
-    """
-
-    def hook(mod: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-        for name, old in [*mod.named_parameters(), *mod.named_buffers()]:
-            new = state_dict.get(prefix + name)
-            if new is None or new.shape == old.shape:
-                continue
-            path, _, leaf = name.rpartition(".")
-            owner = mod.get_submodule(path)
-            fresh = torch.empty(new.shape, dtype=old.dtype, device=old.device)
-            if leaf in owner._parameters:
-                owner._parameters[leaf] = nn.Parameter(fresh, requires_grad=old.requires_grad)
-            else:
-                owner._buffers[leaf] = fresh
-            if isinstance(owner, nn.Linear) and leaf == "weight":
-                owner.out_features, owner.in_features = new.shape
-
-    module.register_load_state_dict_pre_hook(hook)
-
-
 class RiseHead(nn.Module):
     """z_s = fc(proj(f)); fc starts as the zero-shot text classifier."""
 
-    def __init__(self, feature_dim: int, num_classes: int, text: torch.Tensor | None) -> None:
+    def __init__(self, feature_dim: int, text: torch.Tensor) -> None:
         super().__init__()
-        width = 1 if text is None else text.shape[1]
-        self.proj = nn.Linear(feature_dim, width)
-        self.fc = nn.Linear(width, num_classes)
+        self.proj = nn.Linear(feature_dim, text.shape[1])
+        self.fc = nn.Linear(text.shape[1], text.shape[0])
         nn.init.normal_(self.proj.weight, mean=0.0, std=0.01)
         nn.init.zeros_(self.proj.bias)
         nn.init.zeros_(self.fc.bias)
-        if text is None:
-            adopt_shapes_on_load(self)  # rebuilt for export: shapes come from the weights
-        else:
-            with torch.no_grad():
-                self.fc.weight.copy_(text)
+        with torch.no_grad():
+            self.fc.weight.copy_(text)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.proj(features))
@@ -128,7 +98,7 @@ class RISE(Method):
         self.register_buffer("anchors", anchors, persistent=False)  # [C, J, D]
 
     def build_head(self, feature_dim: int) -> nn.Module:
-        return RiseHead(feature_dim, self.ctx.num_classes, self.text)
+        return RiseHead(feature_dim, self.text)
 
     def losses(self, student, features, logits, batch):
         hp, y = self.hp, batch.labels

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgkit.distill.methods.base import Method, register
-from dgkit.distill.methods.rise import adopt_shapes_on_load
 from dgkit.distill.methods.scmd import freeze_batchnorm
 from dgkit.distill.teacher import TEACHER_LOGIT_SCALE
 from dgkit.errors import DgkitError
@@ -39,14 +38,10 @@ from dgkit.errors import DgkitError
 class TextHead(nn.Module):
     """logits = 100 * norm(P f) . t^T, with t the teacher's unit class text embeddings."""
 
-    def __init__(self, feature_dim: int, num_classes: int, text: torch.Tensor | None) -> None:
+    def __init__(self, feature_dim: int, text: torch.Tensor) -> None:
         super().__init__()
-        width = 1 if text is None else text.shape[1]
-        self.proj = nn.Linear(feature_dim, width)
-        self.register_buffer("text", torch.zeros(num_classes, width) if text is None
-                             else text.detach().float().clone())
-        if text is None:
-            adopt_shapes_on_load(self)  # rebuilt for export: shapes come from the weights
+        self.proj = nn.Linear(feature_dim, text.shape[1])
+        self.register_buffer("text", text.detach().float().clone())
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(features), dim=-1)
@@ -83,7 +78,7 @@ class VL2V(Method):
         return hparams.align_steps + hparams.distill_steps
 
     def build_head(self, feature_dim: int) -> nn.Module:
-        return TextHead(feature_dim, self.ctx.num_classes, self.ctx.text_embeddings)
+        return TextHead(feature_dim, self.ctx.text_embeddings)
 
     def stage(self, step: int) -> int:
         return 1 if step < self.hp.align_steps else 2
