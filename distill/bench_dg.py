@@ -29,10 +29,14 @@ EXAMPLES = """
 Examples:
   dgkit bench dg --data ../shared/datasets/PACS --methods erm,kd,rise --seeds 3 --out bench/pacs
   dgkit bench dg --data ./d --methods erm,psd --seeds 2 --steps 500 --out bench/d  # again: reuses
+  dgkit bench dg --data ./d --methods kd,vl2v --kd-temperature 4 --vl2v-align-steps 50
+
+Method options go as --<method>-<option> value and reach only that method's runs.
 """
 
 
 def bench_dg(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="Root of <domain>/<class>/<image>.")],
     methods: Annotated[str, typer.Option(help="Comma-separated methods (see dgkit methods).")
                        ] = "erm,kd,rise,scmd,vl2v,psd",
@@ -78,7 +82,7 @@ def bench_dg(
 
     distributed.init()  # under torchrun every run is data-parallel; rank 0 writes the table
     try:
-        _bench(data, methods, seeds, out, quiet, dict(
+        _bench(data, methods, seeds, out, quiet, _options_by_method(methods, ctx.args), dict(
             student=student, student_weights=student_weights, teacher=teacher,
             teacher_mode=teacher_mode, templates=templates, class_names_file=class_names,
             steps=steps, batch_size=batch_size, image_size=image_size, lr=lr,
@@ -90,8 +94,23 @@ def bench_dg(
         distributed.shutdown()
 
 
+def _options_by_method(methods: str, args: list[str]) -> dict[str, dict[str, str]]:
+    """`--vl2v-align-steps 50` -> {'vl2v': {'align_steps': '50'}}."""
+    from dgkit.distill.commands import _method_options
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    out: dict[str, dict[str, str]] = {name: {} for name in names}
+    for key, value in _method_options(args).items():
+        name = next((n for n in names if key.startswith(f"{n}_")), None)
+        if name is None:
+            raise DgkitError(f"--{key.replace('_', '-')} names none of --methods "
+                             f"({', '.join(names)}); method options go as --<method>-<option>")
+        out[name][key[len(name) + 1:]] = value
+    return out
+
+
 def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
-           settings: dict[str, Any]) -> None:
+           options: dict[str, dict[str, str]], settings: dict[str, Any]) -> None:
     from dgkit.atomic import write_json, write_text
     from dgkit.data import discover
     from dgkit.distill import distributed
@@ -130,8 +149,8 @@ def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
                 path = out / "runs" / f"{name}-seed{seed}-{domain}"
                 if distributed.is_main():
                     console.rule(f"{name}, seed {seed}, target {domain}")
-                summary = run_one(dict(settings, method=name, seed=seed, targets=[domain]),
-                                  path, out, quiet)
+                summary = run_one(dict(settings, method=name, hparams=options.get(name, {}),
+                                       seed=seed, targets=[domain]), path, out, quiet)
                 if not summary:  # torchrun ranks other than 0
                     continue
                 accuracy.setdefault(name, {}).setdefault(seed, {})[domain] = (
@@ -144,7 +163,7 @@ def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
               "seeds": list(range(seeds)),
               "selection": "training-domain validation (target accuracy at the step with the "
                            "best mean source-validation accuracy)",
-              "settings": settings, "plumbing_check": plumbing,
+              "settings": settings, "method_options": options, "plumbing_check": plumbing,
               "results": {n: table_row(accuracy[n], domains) for n in names}, "runs": runs}
     write_json(out / "dg_table.json", result)
     write_text(out / "dg_table.md", markdown(result))
@@ -258,4 +277,5 @@ def _print(result: dict[str, Any]) -> None:
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    bench_app.command("dg", epilog=EXAMPLES)(bench_dg)
+    bench_app.command("dg", epilog=EXAMPLES, context_settings={
+        "allow_extra_args": True, "ignore_unknown_options": True})(bench_dg)

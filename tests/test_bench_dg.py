@@ -84,3 +84,13 @@ def test_bench_dg_writes_the_table_and_reuses_runs(domains_copy, tiny_teacher, t
     with pytest.raises(DgkitError, match="other settings"):
         CliRunner().invoke(app, longer, catch_exceptions=False)
     assert trained == [("erm", 1, ["sketch"])]
+
+
+def test_method_options_reach_only_their_method():
+    from dgkit.distill.bench_dg import _options_by_method
+    from dgkit.errors import DgkitError
+
+    got = _options_by_method("kd,vl2v", ["--vl2v-align-steps", "50", "--kd-temperature=4"])
+    assert got == {"kd": {"temperature": "4"}, "vl2v": {"align_steps": "50"}}
+    with pytest.raises(DgkitError, match="--rise-anchors names none of --methods"):
+        _options_by_method("kd", ["--rise-anchors", "quality"])
