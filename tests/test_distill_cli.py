@@ -192,3 +192,18 @@ def test_leave_one_domain_out_prints_the_table(tiny_domains, tmp_path):
     assert "average" in proc.stdout + proc.stderr
     for d in ("cartoon", "photo", "sketch"):
         assert (tmp_path / "lodo" / d / "summary.json").is_file()
+
+
+def test_weight_averaging_changes_the_saved_student(tiny_domains, tmp_path):
+    """EMA and SWA students are the averaged weights, not the last ones."""
+    weights = {}
+    for average in ("none", "ema", "swa"):
+        _train(tiny_domains, tmp_path / average, "--average", average, "--ema-decay", "0.5",
+               "--eval-every", "6")
+        weights[average] = load_file(str(tmp_path / average / "student.safetensors"))
+        config = json.loads((tmp_path / average / "run.json").read_text())["config"]
+        assert config["average"] == average
+    head = {k: w["head.weight"] for k, w in weights.items()}
+    assert not torch_equal(head["none"], head["ema"])
+    assert not torch_equal(head["none"], head["swa"])
+    assert not torch_equal(head["ema"], head["swa"])
