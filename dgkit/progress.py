@@ -16,7 +16,7 @@ from rich.progress import (
 )
 
 T = TypeVar("T")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one message, one line, also in logs
 
 
 def make_progress(*extra_columns: TextColumn) -> Progress:

@@ -1,0 +1,137 @@
+"""`dgkit export` and `dgkit validate`.
+
+Imported at every CLI start: only typer and the standard library at the top; the work (torch,
+onnx, onnxruntime) is imported inside the command bodies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dgkit.errors import DgkitError
+
+EXPORT_HELP = """Turn a run's student into deployable artifacts under RUN/export/ and validate them
+on the domain the student never saw.
+
+\b
+Artifacts (RUN/export/):
+  model.onnx          FP32, opset 17, dynamic batch, normalisation inside the graph
+  model.fp16.onnx     --fp16: FP16 compute, FP32 input and output
+  model.int8.onnx     --int8: QDQ, uint8 activations: for onnxruntime on CPUs
+  model.int8-trt.onnx --int8: QDQ, symmetric int8 activations: for TensorRT
+  model.<p>.plan      --trt: TensorRT engine (+ .plan.json sidecar) from the FP16/INT8 ONNX
+  report.json/.md/.png  the validation report
+
+\b
+Examples:
+  dgkit export                                # runs/latest, FP32 only
+  dgkit export runs/pacs-sketch --fp16 --int8
+  dgkit export runs/latest --int8 --calib-method percentile --calib-images 1024
+  dgkit export runs/latest --fp16 --int8 --trt --max-batch 64   # on a GPU box
+"""
+
+VALIDATE_HELP = """Validate exported models: accuracy on each target domain and the source
+validation split, agreement with torch FP32, size, latency and throughput on this machine.
+
+\b
+Examples:
+  dgkit validate runs/latest
+  dgkit validate runs/latest/export/model.int8.onnx --data ./PACS --domain sketch
+
+Exits with 1 when an artifact's target accuracy is more than --max-drop points below torch FP32.
+"""
+
+MaxImages = Annotated[int | None, typer.Option(
+    help="Cap each validation set (target domain, source val) at N images [default: all].")]
+MaxDrop = Annotated[float, typer.Option(
+    help="Fail when an artifact's target accuracy is this many points below torch FP32.")]
+LatencyRuns = Annotated[int, typer.Option(
+    help="Batch-1 latency: median of this many runs after warm-up (0: skip timing).")]
+Data = Annotated[Path | None, typer.Option(
+    help="Data root [default: the run's]; needed with a MODEL.")]
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    app.command("export", help=EXPORT_HELP)(export)
+    app.command("validate", help=VALIDATE_HELP)(validate)
+
+
+def _finish(report: dict | None) -> None:
+    if report is not None and not report["passed"]:
+        bad = [f"{r['file'] or r['key']}: {'; '.join(r['failures'])}"
+               for r in report["artifacts"] if r["failures"]]
+        typer.secho("validation failed: " + " | ".join(bad), fg="red", err=True)
+        raise typer.Exit(1)
+
+
+def _write_errors(exc: OSError) -> DgkitError:
+    where = exc.filename or "the export folder"
+    return DgkitError(f"cannot write {where}: {exc.strerror or exc}; the artifacts written "
+                      "before are left as they were")
+
+
+def export(
+    run: Annotated[Path | None, typer.Argument(
+        help="Run directory (default: runs/latest).", show_default=False)] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx.")] = False,
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="Also write model.int8.onnx and model.int8-trt.onnx.")] = False,
+    trt: Annotated[bool, typer.Option(
+        "--trt", help="Also build TensorRT engines (needs dgkit[trt] and a CUDA GPU).")] = False,
+    calib_method: Annotated[str, typer.Option(
+        help="INT8 calibration: minmax, entropy or percentile (minmax: as accurate, "
+             "fastest; see dgkit.export.quantize).")] = "minmax",
+    calib_images: Annotated[int, typer.Option(
+        help="Calibration images from the source domains' training split.")] = 512,
+    max_batch: Annotated[int, typer.Option(
+        help="Largest batch of the TensorRT optimisation profile.")] = 32,
+    data: Data = None,
+    validate: Annotated[bool, typer.Option(
+        help="Validate the artifacts after writing them.")] = True,
+    max_images: MaxImages = None,
+    max_drop: MaxDrop = 1.0,
+    latency_runs: LatencyRuns = 50,
+) -> None:
+    from dgkit.export.exporter import ExportOptions, export_run
+    from dgkit.rundir import resolve_run
+
+    opts = ExportOptions(fp16=fp16, int8=int8, trt=trt, calib_method=calib_method,
+                         calib_images=calib_images, max_batch=max_batch, data=data,
+                         validate=validate, max_images=max_images, max_drop=max_drop,
+                         latency_runs=latency_runs)
+    try:
+        summary = export_run(resolve_run(run), opts)
+    except OSError as exc:
+        raise _write_errors(exc) from exc
+    _finish(summary.get("report"))
+
+
+def validate(
+    target: Annotated[Path | None, typer.Argument(
+        help="Run directory [default: runs/latest], or a dgkit .onnx / .plan file.",
+        show_default=False)] = None,
+    data: Data = None,
+    domain: Annotated[list[str] | None, typer.Option(
+        help="Domain to validate a MODEL on (repeatable).")] = None,
+    max_images: MaxImages = None,
+    max_drop: MaxDrop = 1.0,
+    latency_runs: LatencyRuns = 50,
+) -> None:
+    from dgkit.export.exporter import validate_model, validate_run
+    from dgkit.rundir import resolve_run
+
+    try:
+        if target is not None and target.is_file():
+            report = validate_model(target, data, list(domain or []), max_images, max_drop,
+                                    latency_runs)
+        else:
+            if domain:
+                raise DgkitError("--domain is for a MODEL file; a run validates on its own "
+                                 "target domains")
+            report = validate_run(resolve_run(target), data, max_images, max_drop, latency_runs)
+    except OSError as exc:
+        raise _write_errors(exc) from exc
+    _finish(report)

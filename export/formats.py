@@ -1,0 +1,69 @@
+"""The export formats, in one table (as Ultralytics' exporter): file, precision, what each needs.
+
+Torch-free, so `dgkit validate` and the CLI can read it without the train extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class Format:
+    key: str  # report name
+    filename: str  # under RUN/export/
+    precision: str  # ModelMeta.precision
+    option: str  # the CLI option that asks for it ("" = always written)
+    needs: tuple[str, ...]  # Python modules, checked before any work
+    extra: str  # the dgkit extra that provides them
+    runtime: str  # what runs it in validate
+    description: str
+
+
+FORMATS: tuple[Format, ...] = (
+    Format("onnx-fp32", "model.onnx", "fp32", "", ("torch", "onnx"), "train", "onnxruntime",
+           f"ONNX opset {OPSET}, dynamic batch, normalisation in the graph"),
+    Format("onnx-fp16", "model.fp16.onnx", "fp16", "--fp16", ("onnx", "onnxconverter_common"),
+           "train", "onnxruntime", "FP16 weights and compute, FP32 input and output"),
+    Format("onnx-int8", "model.int8.onnx", "int8", "--int8", ("onnx", "onnxruntime"), "train",
+           "onnxruntime", "INT8 QDQ, uint8 activations, per-channel int8 weights: for "
+           "onnxruntime on CPUs"),
+    Format("onnx-int8-trt", "model.int8-trt.onnx", "int8-trt", "--int8", ("onnx", "onnxruntime"),
+           "train", "onnxruntime", "INT8 QDQ, symmetric int8 activations (zero point 0), "
+           "per-channel int8 weights: for TensorRT"),
+    Format("trt-fp16", "model.fp16.plan", "fp16", "--trt", ("tensorrt",), "trt", "tensorrt",
+           "TensorRT engine built from model.fp16.onnx (strongly typed)"),
+    Format("trt-int8", "model.int8.plan", "int8", "--trt", ("tensorrt",), "trt", "tensorrt",
+           "TensorRT engine built from model.int8-trt.onnx (strongly typed)"),
+)
+
+BY_KEY = {f.key: f for f in FORMATS}
+TORCH_KEY = "torch-fp32"  # the reference every artifact is compared with
+CALIB_CACHE = "calibration.npz"
+TIMING_CACHE = "tensorrt.timing-cache"
+REPORT_FILES = ("report.json", "report.md", "report.png")
+
+
+def wanted(fp16: bool, int8: bool, trt: bool) -> list[Format]:
+    """The formats an export writes: FP32 always; `--trt` builds an engine from each reduced
+    precision asked for, and from FP16 when none was."""
+    if trt and not (fp16 or int8):
+        fp16 = True
+    keys = ["onnx-fp32"]
+    keys += ["onnx-fp16"] if fp16 else []
+    keys += ["onnx-int8", "onnx-int8-trt"] if int8 else []
+    keys += ["trt-fp16"] if trt and fp16 else []
+    keys += ["trt-int8"] if trt and int8 else []
+    return [BY_KEY[k] for k in keys]
+
+
+def present(export_dir: Path) -> list[tuple[Format, Path]]:
+    """The artifacts an export folder holds, in table order."""
+    return [(f, export_dir / f.filename) for f in FORMATS if (export_dir / f.filename).is_file()]
+
+
+def format_of(path: Path) -> Format | None:
+    return next((f for f in FORMATS if f.filename == path.name), None)

@@ -1,0 +1,318 @@
+"""Validation of exported artifacts on the domains the student never saw.
+
+Every artifact runs through `dgkit.serve.Predictor` (exactly what ships) on images decoded once;
+the torch FP32 student is the reference. For each: accuracy per target domain and on the
+source-validation split, top-1 agreement with torch FP32, file size, batch-1 latency (median of
+50 runs after warm-up) and batch-32 throughput on this machine. Writes report.json, report.md and
+report.png and says which artifacts fail (target accuracy more than `max_drop` points below torch
+FP32, or an FP16 model agreeing with FP32 on fewer than 99.5 % of the images).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dgkit.atomic import write_atomic, write_json, write_text
+from dgkit.export.formats import TORCH_KEY, Format, format_of
+from dgkit.export.images import EvalSet
+from dgkit.preprocess import to_model_input
+from dgkit.progress import make_progress
+
+LATENCY_RUNS = 50
+WARMUP_RUNS = 5
+THROUGHPUT_BATCH = 32
+EVAL_BATCH = 64
+FP16_MIN_AGREEMENT = 99.5
+
+Logits = Callable[[np.ndarray], np.ndarray]  # float32 NCHW in [0, 1] -> float32 [N, C]
+
+
+@dataclass
+class Candidate:
+    key: str
+    file: str  # file name, or "" for the in-memory torch student
+    precision: str
+    runtime: str
+    size_bytes: int
+    run: Logits | None  # None: not runnable here (see `skipped`)
+    skipped: str = ""
+    meta: Any = None  # the file's ModelMeta
+
+
+@dataclass
+class Result:
+    key: str
+    file: str
+    precision: str
+    runtime: str
+    size_mb: float
+    accuracy: dict[str, float] = field(default_factory=dict)
+    target_accuracy: float | None = None
+    agreement: float | None = None  # % top-1 agreement with torch FP32
+    latency_ms: float | None = None  # batch 1, median
+    throughput: float | None = None  # images/s at batch 32
+    drop: float | None = None  # torch FP32 target accuracy minus this one, in points
+    failures: list[str] = field(default_factory=list)
+    skipped: str = ""
+
+
+def torch_candidate(student: Any, size_bytes: int) -> Candidate:
+    import torch
+
+    from dgkit.serve.backends import physical_cores
+
+    torch.set_num_threads(physical_cores())
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return student(torch.from_numpy(batch)).float().numpy()
+
+    return Candidate(TORCH_KEY, "", "fp32", "torch-cpu", size_bytes, run)
+
+
+def file_candidate(path: Path, fmt: Format | None = None) -> Candidate:
+    """An exported model run by the serve Predictor, or a note saying why it cannot run here."""
+    from dgkit.serve.predictor import Predictor
+
+    fmt = fmt or format_of(path)
+    key = fmt.key if fmt else path.name
+    size = path.stat().st_size
+    if path.suffix == ".plan":
+        from dgkit.export.tensorrt import unavailable
+
+        reason = unavailable()
+        if reason:
+            return Candidate(key, path.name, fmt.precision if fmt else "", "tensorrt", size,
+                             None, f"not runnable here: {reason}")
+    predictor = Predictor(path)
+    if path.suffix == ".onnx" and predictor.meta.precision == "int8-trt":
+        return Candidate(key, path.name, "int8-trt", "ort-cpu-qdq-reference", size,
+                         qdq_reference(path), meta=predictor.meta)
+    return Candidate(key, path.name, predictor.meta.precision, predictor.backend, size,
+                     predictor.run_batch, meta=predictor.meta)
+
+
+def qdq_reference(path: Path) -> Logits:
+    """The symmetric-INT8 model as TensorRT computes it: every Q/DQ pair applied exactly, with
+    onnxruntime's graph optimisations off. Its optimised CPU run would not show this: on x86
+    CPUs without VNNI onnxruntime's int8 kernels add 16-bit pairs of products (vpmaddubsw),
+    which saturate on symmetric activations and cost this model most of its accuracy, while
+    TensorRT accumulates in 32 bits."""
+    import onnxruntime as ort
+
+    from dgkit.model_meta import INPUT_NAME, OUTPUT_NAME
+    from dgkit.serve.backends import physical_cores
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = physical_cores()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+
+def logits_for(candidate: Candidate, sets: Sequence[EvalSet], progress: Any) -> np.ndarray:
+    assert candidate.run is not None
+    total = sum(len(s.pixels) for s in sets)
+    task = progress.add_task(f"Validating {candidate.file or candidate.key}", total=total)
+    out = []
+    for s in sets:
+        for i in range(0, len(s.pixels), EVAL_BATCH):
+            batch = s.pixels[i:i + EVAL_BATCH]
+            out.append(candidate.run(to_model_input(batch)))
+            progress.advance(task, len(batch))
+    return np.concatenate(out)
+
+
+def timings(run: Logits, pixels: np.ndarray,
+            runs: int = LATENCY_RUNS) -> tuple[float | None, float | None]:
+    """Median batch-1 latency (ms) over `runs` runs after warm-up, and batch-32 images/s
+    (batches for about a second); (None, None) when `runs` is 0."""
+    if runs < 1:
+        return None, None
+    one = to_model_input(pixels[:1])
+    many = to_model_input(np.resize(pixels, (THROUGHPUT_BATCH, *pixels.shape[1:])))
+    for _ in range(WARMUP_RUNS):
+        run(one)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(one)
+        times.append(time.perf_counter() - start)
+    run(many)
+    count, start = 0, time.perf_counter()
+    while count < 3 or (time.perf_counter() - start < 1.0 and count < 20):
+        run(many)
+        count += 1
+    seconds = time.perf_counter() - start
+    return round(1000 * statistics.median(times), 2), round(THROUGHPUT_BATCH * count / seconds, 1)
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    return float(100.0 * (pred == labels).mean()) if len(labels) else float("nan")
+
+
+def evaluate(candidates: Sequence[Candidate], sets: Sequence[EvalSet], max_drop: float,
+             latency_runs: int = LATENCY_RUNS) -> list[Result]:
+    """Run every candidate on every set; the first candidate keyed torch-fp32 is the reference."""
+    labels = np.concatenate([s.labels for s in sets])
+    bounds = np.cumsum([0] + [len(s.pixels) for s in sets])
+    preds: dict[str, np.ndarray] = {}
+    results = []
+    sample = sets[0].pixels
+    with make_progress() as progress:
+        for c in candidates:
+            r = Result(c.key, c.file, c.precision, c.runtime, round(c.size_bytes / 2**20, 3),
+                       skipped=c.skipped)
+            results.append(r)
+            if c.run is None:
+                continue
+            pred = logits_for(c, sets, progress).argmax(1)
+            preds[c.key] = pred
+            for s, lo, hi in zip(sets, bounds[:-1], bounds[1:], strict=True):
+                r.accuracy[s.name] = round(_accuracy(pred[lo:hi], labels[lo:hi]), 2)
+            targets = [r.accuracy[s.name] for s in sets if s.is_target]
+            r.target_accuracy = round(float(np.mean(targets)), 2) if targets else None
+            r.latency_ms, r.throughput = timings(c.run, sample, latency_runs)
+    reference = next((r for r in results if r.key == TORCH_KEY and r.key in preds), None)
+    for r in results:
+        if r.key not in preds:
+            continue
+        if reference is not None:
+            r.agreement = round(float(100 * (preds[r.key] == preds[TORCH_KEY]).mean()), 2)
+            if r.target_accuracy is not None and reference.target_accuracy is not None:
+                r.drop = round(reference.target_accuracy - r.target_accuracy, 2)
+                if r.drop > max_drop:
+                    r.failures.append(f"target accuracy {r.target_accuracy:.2f} is {r.drop:.2f} "
+                                      f"points below torch FP32 (limit {max_drop:g})")
+        if r.precision == "fp16" and "onnx-fp32" in preds and r.key.startswith("onnx"):
+            agree = float(100 * (preds[r.key] == preds["onnx-fp32"]).mean())
+            if agree < FP16_MIN_AGREEMENT:
+                r.failures.append(f"top-1 agrees with ONNX FP32 on {agree:.2f} % of the images "
+                                  f"(needs {FP16_MIN_AGREEMENT} %)")
+    return results
+
+
+def device_name() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from dgkit.serve.backends import physical_cores
+
+    return f"{name}, {physical_cores()} cores"
+
+
+def _cell(value: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _status(r: dict[str, Any]) -> str:
+    return "skipped" if r["skipped"] else ("FAIL" if r["failures"] else "ok")
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    names = report["sets"]
+    header = ["artifact", "precision", "runtime", "MB", *[f"acc {n}" for n in names],
+              "agree %", "b1 ms", "b32 img/s", "status"]
+    rows = [[r["file"] or r["key"], r["precision"], r["runtime"], _cell(r["size_mb"]),
+             *[_cell(r["accuracy"].get(n)) for n in names], _cell(r["agreement"]),
+             _cell(r["latency_ms"]), _cell(r["throughput"], "{:.1f}"), _status(r)]
+            for r in report["artifacts"]]
+    return header, rows
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """One line per failed or skipped artifact."""
+    return [f"{r['file'] or r['key']}: {'; '.join(r['failures']) or r['skipped']}"
+            for r in report["artifacts"] if r["failures"] or r["skipped"]]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    header, rows = table_rows(report)
+    lines = [f"# dgkit validation: {report['model']}", "",
+             f"Device: {report['device']}. Targets: {', '.join(report['targets'])}. "
+             f"Images: " + ", ".join(f"{k} {v}" for k, v in report["images"].items()) + ".",
+             f"Pass: {'yes' if report['passed'] else 'no'} (max drop {report['max_drop']:g} "
+             "points of target accuracy below torch FP32). Accuracy and agreement in %; "
+             "agreement is top-1 agreement with torch FP32 on all the images.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", *[f"- {line}" for line in notes(report)]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["artifacts"] if r["target_accuracy"] is not None]
+    names = [r["file"] or r["key"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 2.2))
+    left.barh(names, [r["target_accuracy"] for r in rows], color="#4878a8")
+    left.set_xlabel("target accuracy (%)")
+    left.set_title(f"Target: {', '.join(report['targets'])}")
+    right.barh(names, [r["latency_ms"] or 0 for r in rows], color="#d08040")
+    right.set_xlabel("batch-1 latency (ms)")
+    right.set_title(report["device"][:60], fontsize=9)
+    right.set_yticks([])
+    for ax in (left, right):
+        ax.invert_yaxis()
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def build_report(model: str, results: Sequence[Result], sets: Sequence[EvalSet],
+                 max_drop: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "model": model,
+        "device": device_name(),
+        "targets": [s.name for s in sets if s.is_target],
+        "sets": [s.name for s in sets],
+        "images": {s.name: int(len(s.pixels)) for s in sets},
+        "max_drop": max_drop,
+        "passed": not any(r.failures for r in results),
+        "artifacts": [asdict(r) for r in results],
+        **(extra or {}),
+    }
+
+
+def write_report(report: dict[str, Any], folder: Path, stem: str = "report") -> list[Path]:
+    paths = [folder / f"{stem}.json", folder / f"{stem}.md", folder / f"{stem}.png"]
+    write_json(paths[0], report)
+    write_text(paths[1], markdown(report))
+    chart(report, paths[2])
+    return paths
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = table_rows(report)
+    table = Table(title=f"Validation of {report['model']} ({report['device']})")
+    for name in header:
+        table.add_column(name, justify="left" if name == "artifact" else "right")
+    colour = {"ok": None, "skipped": "yellow", "FAIL": "red"}
+    for row in rows:
+        table.add_row(*row, style=colour[row[-1]])
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: no 80-column wrapping
+        console = Console(width=200)
+    console.print(table)
+    for line in notes(report):
+        console.print(line, style="yellow" if "not runnable" in line else "red")

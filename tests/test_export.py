@@ -1,0 +1,465 @@
+"""`dgkit export` / `dgkit validate` end to end on a tiny run: the artifacts against the torch
+student on real images, the files the CLI must write, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from cli_helpers import TINY, dgkit, error_line
+from onnx import TensorProto, numpy_helper
+
+from dgkit.data import decode_samples, discover, split_sources
+from dgkit.export import tensorrt
+from dgkit.export.images import calibration_pixels, calibration_rows
+from dgkit.export.onnx_export import load_student, model_meta, torch_logits
+from dgkit.model_meta import ModelMeta
+from dgkit.preprocess import PreprocessSpec, to_model_input
+from dgkit.rundir import RunDir
+
+FAST = ["--latency-runs", "2"]
+ARTIFACTS = ["model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8-trt.onnx"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_domains, tmp_path_factory) -> Path:
+    """A trained tiny run (EfficientNet-Lite0 layout, 32 px), read-only: copy it to change it."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    dgkit("distill", "--data", tiny_domains, "--target", "sketch", "--steps", "4", "--out", out,
+          *TINY, check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory) -> tuple[Path, Any]:
+    """A copy of the tiny run exported with --fp16 --int8, and the export's result. The tiny
+    student's logits are near ties, so its FP16 model may miss the 99.5 % agreement bar (exit 1,
+    see test_fp16_keeps_fp32_io_and_agrees); nothing else may fail."""
+    run = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("exported") / "run"))
+    proc = dgkit("export", run, "--fp16", "--int8", "--max-drop", "100", *FAST)
+    _passed_but_fp16(proc, run)
+    return run, proc
+
+
+def _passed_but_fp16(proc, run: Path) -> None:
+    """Exit 0, or exit 1 with the FP16 agreement bar as the only failure."""
+    report = json.loads((run / "export" / "report.json").read_text())
+    failures = [(a["key"], f) for a in report["artifacts"] for f in a["failures"]]
+    assert all(key == "onnx-fp16" and "agrees with ONNX FP32" in f for key, f in failures)
+    assert proc.returncode == (1 if failures else 0), proc.stderr
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def _images(run: Path, domain: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prepared images (and labels) of the run's data: one domain, or every image."""
+    config = json.loads((run / "run.json").read_text())
+    data = discover(config["data_root"])
+    rows = [i for i, s in enumerate(data.samples)
+            if domain is None or data.domains[s.domain] == domain]
+    decoded = decode_samples(data, rows, PreprocessSpec(**config["preprocess"]), None)
+    return decoded.pixels, np.array([data.samples[i].label for i in decoded.indices])
+
+
+def _validation_pixels(run: Path) -> np.ndarray:
+    """The images validate uses: the target domain, then the sources' validation split."""
+    config = json.loads((run / "run.json").read_text())
+    data = discover(config["data_root"])
+    sources = [data.domains.index(d) for d in config["source_domains"]]
+    _, val = split_sources(data, sources, config["config"]["seed"])
+    rows = [i for i, s in enumerate(data.samples) if data.domains[s.domain] == "sketch"]
+    spec = PreprocessSpec(**config["preprocess"])
+    return decode_samples(data, [*rows, *val], spec, None).pixels
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _logits(path: Path, pixels: np.ndarray) -> np.ndarray:
+    return _session(path).run(["logits"], {"image": to_model_input(pixels)})[0]
+
+
+# ------------------------------------------------------------------ the artifacts
+
+
+def test_export_writes_every_artifact_and_report(exported):
+    run, proc = exported
+    names = sorted(p.name for p in (run / "export").iterdir())
+    assert names == sorted([*ARTIFACTS, "calibration.npz", "report.json", "report.md",
+                            "report.png"])
+    assert not [n for n in names if n.endswith(".tmp")]
+    report = json.loads((run / "export" / "report.json").read_text())
+    keys = [a["key"] for a in report["artifacts"]]
+    assert keys == ["torch-fp32", "onnx-fp32", "onnx-fp16", "onnx-int8", "onnx-int8-trt"]
+    assert report["targets"] == ["sketch"] and report["sets"] == ["sketch", "source_val"]
+    assert report["images"] == {"sketch": 24, "source_val": 8}  # 20 % of 2 x 3 x 8 images
+    for a in report["artifacts"]:
+        assert set(a["accuracy"]) == {"sketch", "source_val"}
+        assert a["latency_ms"] > 0 and a["throughput"] > 0 and a["size_mb"] > 0
+    assert report["artifacts"][1]["agreement"] == 100.0  # ONNX FP32 == torch on every image
+    runtimes = [a["runtime"] for a in report["artifacts"]]
+    assert runtimes == ["torch-cpu", "ort-cpu", "ort-cpu", "ort-cpu", "ort-cpu-qdq-reference"]
+    assert report["export"]["calibration"]["images"] == 40  # the sources' training split
+    assert "Validation of" in proc.stdout and "model.int8.onnx" in proc.stdout
+    assert (run / "export" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| model.fp16.onnx | fp16 |" in (run / "export" / "report.md").read_text()
+
+
+def test_onnx_contract_and_metadata(exported):
+    run, _ = exported
+    config = RunDir(run).require_trained()
+    model = onnx.load(str(run / "export" / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert (inp.name, out.name) == ("image", "logits")
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props == model_meta(RunDir(run), config, "fp32").to_props()
+    meta = ModelMeta.from_props(props)
+    assert meta.classes == ["circle", "square", "triangle"] and meta.preprocess.input_size == 32
+    assert meta.run_id.startswith("run-") and meta.student == "efficientnet_lite0"
+    for name, precision in zip(ARTIFACTS[1:], ["fp16", "int8", "int8-trt"], strict=True):
+        other = {p.key: p.value for p in onnx.load(str(run / "export" / name)).metadata_props}
+        assert other == {**props, "precision": precision}
+
+
+def test_onnx_matches_torch_on_real_images(exported):
+    """64 real images of the run's data: max |logit diff| <= 1e-4, identical top-1, any batch."""
+    run, _ = exported
+    config = RunDir(run).require_trained()
+    pixels, _ = _images(run)
+    pixels = pixels[np.linspace(0, len(pixels) - 1, 64).astype(int)]
+    reference = torch_logits(load_student(RunDir(run), config), pixels)
+    logits = _logits(run / "export" / "model.onnx", pixels)
+    assert np.abs(logits - reference).max() <= 1e-4
+    assert (logits.argmax(1) == reference.argmax(1)).all()
+    one = _logits(run / "export" / "model.onnx", pixels[:1])  # dynamic batch: 1 and 64
+    assert np.abs(one - reference[:1]).max() <= 1e-4
+
+
+def test_fp16_keeps_fp32_io_and_agrees(exported):
+    run, _ = exported
+    model = onnx.load(str(run / "export" / "model.fp16.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    kinds = {i.data_type for i in model.graph.initializer if i.name in conv_weights}
+    assert kinds == {TensorProto.FLOAT16}
+    pixels, _ = _images(run)
+    half = _logits(run / "export" / "model.fp16.onnx", pixels)
+    full = _logits(run / "export" / "model.onnx", pixels)
+    assert half.dtype == np.float32
+    assert np.abs(half - full).max() < 0.05
+    # validate holds FP16 to >= 99.5 % top-1 agreement with FP32 on the validation images
+    report = json.loads((run / "export" / "report.json").read_text())
+    fp16 = next(a for a in report["artifacts"] if a["key"] == "onnx-fp16")
+    val_half, val_full = (_logits(run / "export" / n, _validation_pixels(run))
+                          for n in ("model.fp16.onnx", "model.onnx"))
+    agree = 100 * (val_half.argmax(1) == val_full.argmax(1)).mean()
+    assert bool(fp16["failures"]) == (agree < 99.5)
+
+
+def _zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
+    """Zero points of the activations' QuantizeLinear nodes."""
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [init[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+
+
+def test_int8_flavours(exported):
+    """CPU flavour: uint8 activations; TensorRT flavour: int8 activations with zero point 0 and
+    float biases; both per-channel int8 weights and both close to FP32 on real images."""
+    run, _ = exported
+    cpu = onnx.load(str(run / "export" / "model.int8.onnx"))
+    trt = onnx.load(str(run / "export" / "model.int8-trt.onnx"))
+    assert {z.dtype for z in _zero_points(cpu)} == {np.dtype(np.uint8)}
+    zps = _zero_points(trt)
+    assert zps and {z.dtype for z in zps} == {np.dtype(np.int8)}
+    assert all((z == 0).all() for z in zps)
+    for model in (cpu, trt):
+        init = {i.name: i for i in model.graph.initializer}
+        weights = [init[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0] in init and init[n.input[0]].data_type == TensorProto.INT8]
+        assert weights, "no int8 weights"
+        per_channel = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                       and n.input[0] in init and len(init[n.input[1]].dims) == 1]
+        assert per_channel, "no per-channel weight scales"
+    for model in (cpu, trt):  # the stem convolution stays FP32
+        init = {i.name for i in model.graph.initializer}
+        stem = next(n for n in model.graph.node if n.op_type == "Conv")
+        assert stem.input[1] in init, "the first Conv's weights should be float initializers"
+    cpu_w, trt_w = (np.concatenate([numpy_helper.to_array(i).ravel() for i in m.graph.initializer
+                                    if i.data_type == TensorProto.INT8]) for m in (cpu, trt))
+    assert cpu_w.min() >= -64 and cpu_w.max() <= 64  # 7-bit weights: no AVX2 saturation
+    assert np.abs(trt_w).max() == 127  # TensorRT keeps full 8-bit weights
+    trt_bias = [n for n in trt.graph.node if n.op_type == "DequantizeLinear"
+                and any(i.name == n.input[0] and i.data_type == TensorProto.INT32
+                        for i in trt.graph.initializer)]
+    assert not trt_bias, "TensorRT flavour must keep float biases"
+    size = (run / "export" / "model.int8.onnx").stat().st_size
+    assert size <= 0.35 * (run / "export" / "model.onnx").stat().st_size
+    pixels, _ = _images(run)
+    full = _logits(run / "export" / "model.onnx", pixels)
+    for name in ("model.int8.onnx", "model.int8-trt.onnx"):
+        assert np.isfinite(_logits(run / "export" / name, pixels)).all()
+        agree = (_logits(run / "export" / name, pixels).argmax(1) == full.argmax(1)).mean()
+        assert agree >= 0.5, name  # a 4-step student on 32 px shapes; PACS test checks more
+
+
+def test_calibration_uses_only_the_sources_training_split(tiny_run, tmp_path):
+    config = RunDir(tiny_run).require_trained()
+    data = discover(config["data_root"])
+    sources = [data.domains.index(d) for d in config["source_domains"]]
+    train, val = split_sources(data, sources, config["config"]["seed"])
+    rows = calibration_rows(data, sources, config["config"]["seed"], 36)
+    assert len(rows) == 36 and set(rows) <= set(train) and not set(rows) & set(val)
+    cells = np.zeros((len(data.domains), len(data.classes)), dtype=int)
+    for i in rows:
+        cells[data.samples[i].domain, data.samples[i].label] += 1
+    assert cells[data.domains.index("sketch")].sum() == 0
+    sizes = np.zeros_like(cells)
+    for i in train:
+        sizes[data.samples[i].domain, data.samples[i].label] += 1
+    top = cells.max()  # balanced: a cell is taken whole, or within one image of the largest
+    assert all(c == n or c >= top - 1 for c, n in zip(cells[sources].ravel(),
+                                                      sizes[sources].ravel(), strict=True))
+
+    spec = PreprocessSpec(**config["preprocess"])
+    cache = tmp_path / "calibration.npz"
+    first, info = calibration_pixels(data, config["source_domains"], 0, 36, spec, cache)
+    assert not info["cached"] and first.shape == (36, 32, 32, 3) and cache.is_file()
+    again, info = calibration_pixels(data, config["source_domains"], 0, 36, spec, cache)
+    assert info["cached"] and np.array_equal(first, again)
+    _, info = calibration_pixels(data, config["source_domains"], 0, 34, spec, cache)
+    assert not info["cached"]  # another count is another calibration set
+
+
+def test_validate_run_measures_what_it_claims(exported, tmp_path):
+    run = _copy(exported[0], tmp_path)
+    for name in ("report.json", "report.md", "report.png"):
+        (run / "export" / name).unlink()
+    proc = dgkit("validate", run, "--max-drop", "-101", *FAST)  # every artifact "drops"
+    assert proc.returncode == 1
+    assert "validation failed" in proc.stderr and "below torch FP32" in proc.stderr
+    report = json.loads((run / "export" / "report.json").read_text())
+    assert not report["passed"] and (run / "export" / "report.png").is_file()
+    config = RunDir(run).require_trained()
+    pixels, labels = _images(run, "sketch")
+    torch_pred = torch_logits(load_student(RunDir(run), config), pixels).argmax(1)
+    by_key = {a["key"]: a for a in report["artifacts"]}
+    assert by_key["torch-fp32"]["accuracy"]["sketch"] == round(100 * (torch_pred == labels)
+                                                               .mean(), 2)
+    int8_pred = _logits(run / "export" / "model.int8.onnx", pixels).argmax(1)
+    assert by_key["onnx-int8"]["accuracy"]["sketch"] == round(100 * (int8_pred == labels)
+                                                              .mean(), 2)
+    assert by_key["onnx-int8"]["size_mb"] == round(
+        (run / "export" / "model.int8.onnx").stat().st_size / 2**20, 3)
+
+
+def test_validate_model_file(exported, tiny_domains, tmp_path):
+    run = _copy(exported[0], tmp_path)
+    model = run / "export" / "model.int8.onnx"
+    proc = dgkit("validate", model, "--data", tiny_domains, "--domain", "sketch", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run / "export" / "model.int8.onnx.report.json").read_text())
+    run_report = json.loads((run / "export" / "report.json").read_text())
+    expected = next(a for a in run_report["artifacts"] if a["key"] == "onnx-int8")
+    (only,) = report["artifacts"]
+    assert only["accuracy"] == {"sketch": expected["accuracy"]["sketch"]}
+    assert only["agreement"] is None  # no torch reference for a lone model file
+
+
+def test_trt_without_tensorrt_says_so_in_one_line(tiny_run, tmp_path):
+    reason = tensorrt.unavailable()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are here: see test_tensorrt_engine")
+    run = _copy(tiny_run, tmp_path)
+    proc = dgkit("export", run, "--trt", "--no-validate")
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "export" / "model.onnx").is_file()
+    assert (run / "export" / "model.fp16.onnx").is_file()  # --trt alone builds from FP16
+    lines = [ln for ln in proc.stderr.splitlines() if "--trt" in ln]
+    assert len(lines) == 1 and reason in lines[0]
+    assert not list((run / "export").glob("*.plan"))
+
+
+@pytest.mark.skipif(tensorrt.unavailable() is not None,
+                    reason=f"TensorRT engine build needs it: {tensorrt.unavailable()}")
+def test_tensorrt_engine(exported, tmp_path):
+    from dgkit.serve.predictor import Predictor
+
+    run = _copy(exported[0], tmp_path)
+    proc = dgkit("export", run, "--fp16", "--int8", "--trt", "--max-batch", "8", *FAST,
+                 "--max-drop", "100")
+    assert proc.returncode == 0, proc.stderr
+    pixels, _ = _images(run)
+    full = _logits(run / "export" / "model.onnx", pixels[:8])
+    for name in ("model.fp16.plan", "model.int8.plan"):
+        sidecar = json.loads((run / "export" / f"{name}.json").read_text())
+        assert set(sidecar) == {"tensorrt_version", "gpu_name", "compute_capability", "metadata"}
+        logits = Predictor(run / "export" / name).run_batch(to_model_input(pixels[:8]))
+        assert logits.shape == full.shape
+    assert (run / "export" / "tensorrt.timing-cache").is_file()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_missing_incomplete_and_foreign_runs(tiny_run, tmp_path):
+    assert "does not exist" in error_line(dgkit("export", tmp_path / "nope"))
+    run = _copy(tiny_run, tmp_path)
+    config = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**config, "format": 99}))
+    assert "another dgkit version" in error_line(dgkit("export", run))
+    (run / "run.json").write_text(json.dumps(config))
+    (run / "student.safetensors").unlink()
+    proc = dgkit("validate", run)
+    assert proc.returncode == 2 and "incomplete" in error_line(proc)
+    assert not (run / "export").exists()
+
+
+def test_target_domain_absent_from_the_data(tiny_run, exported, domains_copy, tmp_path):
+    shutil.rmtree(domains_copy / "sketch")
+    run = _copy(tiny_run, tmp_path)
+    line = error_line(dgkit("export", run, "--data", domains_copy))
+    assert "'sketch' is absent" in line
+    assert not (run / "export").exists()
+    model = tmp_path / "model.onnx"
+    shutil.copy(exported[0] / "export" / "model.onnx", model)
+    line = error_line(dgkit("validate", model, "--data", domains_copy, "--domain", "sketch"))
+    assert "'sketch' is absent" in line
+
+
+def test_non_dgkit_onnx_is_refused(tmp_path, tiny_domains):
+    import torch
+
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(torch.nn.Conv2d(3, 3, 1), (torch.rand(1, 3, 8, 8),), str(plain),
+                      dynamo=False, input_names=["image"], output_names=["logits"])
+    proc = dgkit("validate", plain, "--data", tiny_domains, "--domain", "sketch")
+    assert proc.returncode == 2 and "not a dgkit model" in error_line(proc)
+
+
+def test_too_few_calibration_images(tiny_run, domains_copy, tmp_path):
+    run = _copy(tiny_run, tmp_path)
+    proc = dgkit("export", run, "--int8", "--calib-images", "1000", "--no-validate")
+    assert proc.returncode == 0, proc.stderr
+    assert "only 40 images; using all of them" in " ".join(proc.stderr.split())
+    for domain in ("cartoon", "photo"):  # 3 images a class: 2 x 8 in the training split
+        for image in (domains_copy / domain).rglob("*.png"):
+            if int(image.stem) >= 3:
+                image.unlink()
+    before = (run / "export" / "model.int8.onnx").read_bytes()
+    line = error_line(dgkit("export", run, "--int8", "--data", domains_copy, "--no-validate"))
+    assert "needs at least 32" in line
+    assert (run / "export" / "model.int8.onnx").read_bytes() == before
+
+
+def _main(monkeypatch, capsys, *args: str | Path) -> tuple[int, str]:
+    """Run the CLI in this process (for tests that patch or register something)."""
+    from dgkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dgkit", *map(str, args)])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_unexportable_student_names_the_op(tiny_run, tmp_path, monkeypatch, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from dgkit.distill.students import Backbone, Student, register_student
+
+    class Erfinv(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.erfinv(torch.tanh(self.conv(x)) * 0.9).mean((2, 3))
+
+    register_student("test_erfinv")(lambda imagenet: Backbone(Erfinv(), 8))
+    run = _copy(tiny_run, tmp_path)
+    config = json.loads((run / "run.json").read_text())
+    config["config"]["student"] = config["student"] = "test_erfinv"
+    (run / "run.json").write_text(json.dumps(config))
+    student = Student(Backbone(Erfinv(), 8), torch.nn.Linear(8, 3))
+    save_file(student.state_dict(), str(run / "student.safetensors"))
+    code, err = _main(monkeypatch, capsys, "export", run)
+    assert code == 2 and "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert "aten::erfinv" in line
+    assert not (run / "export" / "model.onnx").exists()
+
+
+def test_export_folder_that_is_a_file(tiny_run, tmp_path):
+    run = _copy(tiny_run, tmp_path)
+    (run / "export").write_text("mine")
+    line = error_line(dgkit("export", run))
+    assert "is a file, not a folder" in line
+    assert (run / "export").read_text() == "mine"
+
+
+def test_failed_write_leaves_earlier_artifacts_intact(exported, tmp_path, monkeypatch, capsys):
+    """A disk that fills up while the INT8 model is written: the command says so in one line
+    and every file from the earlier export is byte-identical, with no temporary file left."""
+    run = _copy(exported[0], tmp_path)
+    before = {p.name: p.read_bytes() for p in (run / "export").iterdir()}
+    real_save = onnx.save_model
+
+    def save(model, path, *args, **kwargs):
+        if Path(path).name.startswith(".model.int8.onnx"):
+            Path(path).write_bytes(b"half")
+            raise OSError(28, "No space left on device", str(path))
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save_model", save)
+    code, err = _main(monkeypatch, capsys, "export", run, "--fp16", "--int8")
+    assert code == 2 and "No space left on device" in err, err
+    assert len([ln for ln in err.splitlines() if ln.startswith("error: ")]) == 1
+    assert "Decoding calibration images" not in err  # the cached calibration set was reused
+    after = {p.name: p.read_bytes() for p in (run / "export").iterdir()}
+    assert after == before
+
+
+@pytest.mark.pacs
+def test_pacs_subset_export(tmp_path):
+    """Real photos, paintings, cartoons and sketches: a PACS subset (12 images a class and
+    domain), an ImageNet-initialised EfficientNet-Lite0 student trained briefly at 64 px."""
+    from conftest import PACS
+
+    subset = tmp_path / "pacs"
+    for domain in sorted(p for p in PACS.iterdir() if p.is_dir()):
+        for cls in sorted(p for p in domain.iterdir() if p.is_dir()):
+            (subset / domain.name / cls.name).mkdir(parents=True)
+            for image in sorted(cls.iterdir())[:12]:
+                (subset / domain.name / cls.name / image.name).symlink_to(image)
+    run = tmp_path / "run"
+    dgkit("distill", "--data", subset, "--target", "sketch", "--steps", "30", "--image-size",
+          "64", "--batch-size", "21", "--eval-every", "30", "--quiet", "--out", run, check=True)
+    proc = dgkit("export", run, "--fp16", "--int8", "--calib-images", "128", *FAST)
+    report = json.loads((run / "export" / "report.json").read_text())
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr
+    by_key = {a["key"]: a for a in report["artifacts"]}
+    assert by_key["onnx-fp32"]["agreement"] == 100.0
+    assert by_key["onnx-int8"]["agreement"] >= 80 and by_key["onnx-int8-trt"]["agreement"] >= 80
+    assert report["export"]["calibration"]["images"] == 128
+    config = RunDir(run).require_trained()
+    pixels, _ = _images(run)
+    pixels = pixels[np.linspace(0, len(pixels) - 1, 64).astype(int)]
+    reference = torch_logits(load_student(RunDir(run), config), pixels)
+    logits = _logits(run / "export" / "model.onnx", pixels)
+    assert np.abs(logits - reference).max() <= 1e-4
+    assert (logits.argmax(1) == reference.argmax(1)).all()

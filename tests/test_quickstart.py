@@ -1,0 +1,62 @@
+"""`dgkit quickstart`: the whole pipeline on a tiny schedule, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_helpers import dgkit, error_line
+
+# About 30 s of training on one CPU core, and enough that the student beats chance (1/6) on the
+# held-out sketches by a wide margin: FP32 sketch accuracy 79 / 71 / 77 % with seeds 0 / 1 / 2.
+TINY = ["--per-class", "30", "--steps", "60", "--image-size", "96", "--batch-size", "24"]
+CHANCE = 100 / 6
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_beats_chance_on_held_out_sketches(tmp_path,
+                                                                         monkeypatch):
+    # One torch thread: on cores shared with other jobs, two threads wait on each other and run
+    # several times slower; on an idle machine it costs little.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "qs"
+    proc = dgkit("quickstart", "--out", out, *TINY, timeout=900, check=True)
+    result = json.loads((out / "quickstart.json").read_text())
+    assert result["target"] == "sketch"
+    if result["teacher"] is None:  # no CLIP weights here: one line says why, then psd or erm
+        assert result["method"] in ("psd", "erm")
+        assert "instead" in proc.stderr
+    export = out / "run" / "export"
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "report.json"):
+        assert (export / name).is_file(), name
+    rows = {r["artifact"]: r for r in result["artifacts"]}
+    assert {"torch student", "model.onnx", "model.fp16.onnx", "model.int8.onnx"} <= set(rows)
+    for name in ("torch student", "model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        assert rows[name]["target_accuracy"] >= 3 * CHANCE, rows[name]
+    assert len(result["examples"]) == 6
+    assert all(e["image"].startswith(str(out / "data" / "sketch")) for e in result["examples"])
+    # The printed report: the table, the predictions and the next commands.
+    assert "sketch held out" in proc.stdout and "model.int8.onnx" in proc.stdout
+    assert f"dgkit serve {export / 'model.int8.onnx'}" in proc.stdout
+    assert f"dgkit demo {out / 'run'}" in proc.stdout
+
+
+def test_quickstart_refuses_a_non_empty_folder_and_bad_options(tmp_path):
+    (tmp_path / "qs").mkdir()
+    (tmp_path / "qs" / "mine.txt").write_text("keep me")
+    assert "not empty" in error_line(dgkit("quickstart", "--out", tmp_path / "qs"))
+    assert (tmp_path / "qs" / "mine.txt").read_text() == "keep me"
+    assert "--steps" in error_line(dgkit("quickstart", "--out", tmp_path / "new", "--steps",
+                                         "0"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_method_choice_skips_unavailable_methods_and_teachers(monkeypatch):
+    import dgkit.quickstart as quickstart
+
+    monkeypatch.setattr(quickstart, "METHODS", [
+        ("no-such-method", None), ("kd", "ViT-B-32:/no/such/checkpoint.pt"), ("erm", None)])
+    method, teacher, why = quickstart.choose_method()
+    assert (method, teacher) == ("erm", None)
+    assert "no-such-method is not available" in why
+    assert "needs the CLIP teacher" in why and "/no/such/checkpoint.pt" in why
