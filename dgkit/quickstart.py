@@ -25,16 +25,14 @@ from dgkit.progress import console
 
 TARGET = "sketch"
 TEACHER = "ViT-B-32:openai"
-# ---- Which method the quickstart distills with -------------------------------------------------
-# The first row whose method is registered and whose teacher (if it needs one) loads is used.
-# Change the rows here to change the quickstart's method; nothing else depends on them.
+# ---- Which method the quickstart distills with: (method, teacher or None) ----------------------
+# The first row whose method is registered and whose teacher (if it needs one) loads is used;
+# `--teacher` replaces the teacher of the rows that have one. Edit the rows to change the choice.
 METHODS: list[tuple[str, str | None]] = [
     ("rise", TEACHER),  # distils CLIP: the point of dgkit, when the weights can be loaded
     ("psd", None),  # progressive self-distillation: no teacher, works offline
     ("erm", None),  # plain supervised training: always there
 ]
-# ---- The schedule, chosen by measurement to take about 5 minutes on 2 CPU cores ---------------
-# See the docstring of `Schedule`; `dgkit quickstart --steps/--image-size/...` override it.
 
 
 @dataclass
@@ -63,23 +61,27 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          "to redo it, or another --out")
 
 
-def choose_method() -> tuple[str, str | None, str]:
+def choose_method(teacher_override: str | None = None) -> tuple[str, str | None, str]:
     """(method, teacher or None, why) from METHODS: the first that is registered and whose
-    teacher loads. `why` is empty for the first row, else one line saying what was skipped."""
+    teacher loads. `why` is empty for the first row, else one line saying what was skipped.
+    A teacher the user named (`teacher_override`) that does not load is an error, not skipped."""
     from dgkit.distill.methods import method_names
 
     skipped: list[str] = []
     for method, teacher in METHODS:
         if method not in method_names():
-            skipped.append(f"method {method} is not available in this dgkit")
+            skipped.append(f"{method} is not in this dgkit")
             continue
         if teacher is not None:
             from dgkit.distill.teacher import load_teacher
 
+            teacher = teacher_override or teacher
             try:
                 load_teacher(teacher, "cpu")
             except DgkitError as exc:
-                skipped.append(f"--method {method} needs the CLIP teacher and {exc}")
+                if teacher_override:
+                    raise
+                skipped.append(f"{method} needs the CLIP teacher, and {exc}")
                 continue
         return method, teacher, "; ".join(skipped)
     raise DgkitError("none of the quickstart's methods is available")  # erm always is
@@ -193,7 +195,7 @@ def print_report(result: dict[str, Any]) -> None:
 def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
                    steps: int | None = None, image_size: int | None = None,
                    batch_size: int | None = None, per_class: int | None = None,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, teacher: str | None = None) -> dict[str, Any]:
     """The whole quickstart; returns (and writes to OUT/quickstart.json) what it printed."""
     require_extra("train", "torch")
     from dgkit.samples import CLASSES, make_samples
@@ -206,6 +208,10 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
             if value < 1:
                 raise DgkitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
             setattr(schedule, name, value)
+    if teacher and ":" in teacher:  # a local checkpoint is stored absolute, as distill does
+        model, _, pretrained = teacher.partition(":")
+        if Path(pretrained).expanduser().exists():
+            teacher = f"{model}:{Path(pretrained).expanduser().resolve()}"
     out = Path(out)
     _check_out(out, overwrite)
     data, run = out / "data", out / "run"
@@ -223,10 +229,9 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
                  overwrite=True)
     lap("samples")
     console.rule(f"2/4 distill (held out: {TARGET})")
-    method, teacher, why = choose_method()
+    method, teacher, why = choose_method(teacher)
     if why:
-        console.print(f"[yellow]{why}: distilling with --method {method} instead[/]",
-                      soft_wrap=True)
+        console.print(f"[yellow]using --method {method}: {why}[/]", soft_wrap=True)
     summary = train(data, run, method, teacher, schedule, seed)
     lap("distill")
     console.rule("3/4 export FP32, FP16, INT8 and validate")

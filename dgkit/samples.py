@@ -471,20 +471,24 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for the data, the run and its export.")
                    ] = Path("quickstart"),
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
-    steps: Annotated[int | None, typer.Option(help="Training steps [default: the tuned "
-                                                   "schedule].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the tuned "
+                                                   "schedule).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Student input size.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     per_class: Annotated[int | None, typer.Option(help="Sample images per class and domain.")
                          ] = None,
     seed: Annotated[int, typer.Option(help="Seeds the data and the training.")] = 0,
+    teacher: Annotated[str | None, typer.Option(
+        help="CLIP teacher as MODEL:PRETRAINED or MODEL:/path/to/checkpoint "
+             "(default: ViT-B-32:openai; without it the quickstart uses a method that needs "
+             "none).")] = None,
 ) -> None:
     """Try dgkit in minutes on CPU: draw the sample data, distill a student with the sketch
     domain held out, export FP32, FP16 and INT8, validate them on sketches and classify a few."""
     from dgkit.quickstart import run_quickstart
 
     run_quickstart(out, overwrite=overwrite, steps=steps, image_size=image_size,
-                   batch_size=batch_size, per_class=per_class, seed=seed)
+                   batch_size=batch_size, per_class=per_class, seed=seed, teacher=teacher)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -45,13 +45,13 @@ Exits with 1 when an artifact's target accuracy is more than --max-drop points b
 """
 
 MaxImages = Annotated[int | None, typer.Option(
-    help="Cap each validation set (target domain, source val) at N images [default: all].")]
+    help="Cap each validation set (target domain, source val) at N images (default: all).")]
 MaxDrop = Annotated[float, typer.Option(
     help="Fail when an artifact's target accuracy is this many points below torch FP32.")]
 LatencyRuns = Annotated[int, typer.Option(
     help="Batch-1 latency: median of this many runs after warm-up (0: skip timing).")]
 Data = Annotated[Path | None, typer.Option(
-    help="Data root [default: the run's]; needed with a MODEL.")]
+    help="Data root (default: the run's); needed with a MODEL.")]
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -111,7 +111,7 @@ def export(
 
 def validate(
     target: Annotated[Path | None, typer.Argument(
-        help="Run directory [default: runs/latest], or a dgkit .onnx / .plan file.",
+        help="Run directory (default: runs/latest), or a dgkit .onnx / .plan file.",
         show_default=False)] = None,
     data: Data = None,
     domain: Annotated[list[str] | None, typer.Option(

@@ -25,7 +25,7 @@ def test_quickstart_runs_end_to_end_and_beats_chance_on_held_out_sketches(tmp_pa
     assert result["target"] == "sketch"
     if result["teacher"] is None:  # no CLIP weights here: one line says why, then psd or erm
         assert result["method"] in ("psd", "erm")
-        assert "instead" in proc.stderr
+        assert f"using --method {result['method']}: rise needs the CLIP teacher" in proc.stderr
     export = out / "run" / "export"
     for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "report.json"):
         assert (export / name).is_file(), name
@@ -53,10 +53,14 @@ def test_quickstart_refuses_a_non_empty_folder_and_bad_options(tmp_path):
 
 def test_method_choice_skips_unavailable_methods_and_teachers(monkeypatch):
     import dgkit.quickstart as quickstart
+    from dgkit.errors import DgkitError
 
     monkeypatch.setattr(quickstart, "METHODS", [
         ("no-such-method", None), ("kd", "ViT-B-32:/no/such/checkpoint.pt"), ("erm", None)])
     method, teacher, why = quickstart.choose_method()
     assert (method, teacher) == ("erm", None)
-    assert "no-such-method is not available" in why
-    assert "needs the CLIP teacher" in why and "/no/such/checkpoint.pt" in why
+    assert "no-such-method is not in this dgkit" in why
+    assert "kd needs the CLIP teacher" in why and "/no/such/checkpoint.pt" in why
+    # A teacher the user names must load: no silent fallback.
+    with pytest.raises(DgkitError, match="/no/such/other.pt"):
+        quickstart.choose_method("ViT-B-32:/no/such/other.pt")
