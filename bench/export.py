@@ -161,7 +161,10 @@ def print_table(rows: list[dict[str, Any]], threads: int) -> None:
                       f"{ratio['int8_vs_ort_fp32_wall_ms']:.2f} / "
                       f"{ratio['int8_vs_ort_fp32_cpu_ms']:.2f}",
                       f"{r['int8_size_ratio']:.2f}x")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: no 80-column wrapping
+        console = Console(width=160)
+    console.print(table)
 
 
 def main() -> None:

@@ -80,7 +80,8 @@ def export(
     int8: Annotated[bool, typer.Option(
         "--int8", help="Also write model.int8.onnx and model.int8-trt.onnx.")] = False,
     trt: Annotated[bool, typer.Option(
-        "--trt", help="Also build TensorRT engines (needs dgkit[trt] and a CUDA GPU).")] = False,
+        "--trt", help="Also build TensorRT engines (needs the trt extra and a CUDA GPU).")
+    ] = False,
     calib_method: Annotated[str, typer.Option(
         help="INT8 calibration: minmax, entropy or percentile (minmax: as accurate, "
              "fastest; see dgkit.export.quantize).")] = "minmax",
@@ -88,7 +89,7 @@ def export(
         help="Calibration images from the source domains' training split.")] = 512,
     max_batch: Annotated[int, typer.Option(
         help="Largest batch of the TensorRT optimisation profile.")] = 32,
-    data: Data = None,
+    data: Annotated[Path | None, typer.Option(help="Data root (default: the run's).")] = None,
     validate: Annotated[bool, typer.Option(
         help="Validate the artifacts after writing them.")] = True,
     max_images: MaxImages = None,

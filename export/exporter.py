@@ -61,6 +61,7 @@ def _run_context(run: RunDir, data_root: Path | None, max_images: int | None):
 
 def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     """Write the artifacts `opts` asks for under RUN/export/, then validate them."""
+    from dgkit.export.images import MIN_CALIB_IMAGES
     from dgkit.export.quantize import CALIB_METHODS
 
     if opts.calib_method not in CALIB_METHODS:
@@ -68,8 +69,9 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
                          f"{', '.join(CALIB_METHODS)}")
     if opts.max_batch < 1:
         raise DgkitError(f"--max-batch must be at least 1, got {opts.max_batch}")
-    if opts.calib_images < 1:
-        raise DgkitError(f"--calib-images must be at least 1, got {opts.calib_images}")
+    if opts.int8 and opts.calib_images < MIN_CALIB_IMAGES:
+        raise DgkitError(f"--calib-images {opts.calib_images} is too few: INT8 calibration "
+                         f"needs at least {MIN_CALIB_IMAGES} images")
     plan = formats.wanted(opts.fp16, opts.int8, opts.trt)
     for fmt in plan:
         if fmt.extra != "trt":

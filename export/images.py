@@ -125,6 +125,9 @@ def calibration_pixels(data: DomainData, source_names: Sequence[str], seed: int,
                        spec: PreprocessSpec, cache: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """The calibration images (N x S x S x 3 uint8), read from `cache` when the run's split,
     the count and the preprocessing have not changed, else decoded and cached."""
+    if count < MIN_CALIB_IMAGES:
+        raise DgkitError(f"--calib-images {count} is too few: INT8 calibration needs at least "
+                         f"{MIN_CALIB_IMAGES} images")
     source_ids = [data.domains.index(s) for s in source_names]
     rows = calibration_rows(data, source_ids, seed, count)
     if len(rows) < MIN_CALIB_IMAGES:

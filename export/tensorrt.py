@@ -33,11 +33,15 @@ def unavailable() -> str | None:
 
 
 def _network_flags(trt: Any) -> tuple[int, bool]:
-    """Creation flags, and whether the network is strongly typed."""
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if flag is None:  # TensorRT before 9: explicit batch, precisions from builder flags
-        return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH), False
-    return 1 << int(flag), True
+    """Creation flags, and whether the network is strongly typed. TensorRT 9-10 need the
+    STRONGLY_TYPED flag; 11 keeps it (ignored: always strongly typed); 8 has only
+    EXPLICIT_BATCH and takes reduced precision from builder flags."""
+    flags = trt.NetworkDefinitionCreationFlag
+    if hasattr(flags, "STRONGLY_TYPED"):
+        return 1 << int(flags.STRONGLY_TYPED), True
+    if hasattr(flags, "EXPLICIT_BATCH") and hasattr(trt.BuilderFlag, "INT8"):
+        return 1 << int(flags.EXPLICIT_BATCH), False
+    return 0, True
 
 
 def build_engine(onnx_path: Path, engine_path: Path, metadata: dict[str, str], max_batch: int,
@@ -79,7 +83,8 @@ def build_engine(onnx_path: Path, engine_path: Path, metadata: dict[str, str], m
         raise DgkitError(f"TensorRT could not build an engine from {onnx_path.name} "
                          "(its log above says why)")
     write_atomic(engine_path, lambda tmp: tmp.write_bytes(bytes(serialized)))
-    write_atomic(timing_cache, lambda tmp: tmp.write_bytes(bytes(cache.serialize())))
+    updated = config.get_timing_cache()  # the build adds the layers it timed
+    write_atomic(timing_cache, lambda tmp: tmp.write_bytes(bytes(updated.serialize())))
     sidecar = {"tensorrt_version": trt.__version__, "gpu_name": gpu[0],
                "compute_capability": gpu[1], "metadata": metadata}
     write_json(sidecar_path(engine_path), sidecar)
