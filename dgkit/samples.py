@@ -4,8 +4,8 @@
 do: `photo` (shaded, lit, on a textured background), `cartoon` (flat fill, thick outline),
 `sketch` (pencil strokes on paper grain, no fill) and `painting` (brush-textured colour blobs).
 Position, scale, rotation and colour are random within each domain. Image `n` of a domain and
-class depends only on (seed, domain, class, n): the same seed gives byte-identical files, and
-`--per-class 10` writes the first 10 images of `--per-class 60`.
+class depends only on (seed, domain, class, n): the same seed gives byte-identical files (with
+the same numpy and Pillow), and `--per-class 10` draws the first 10 images of `--per-class 60`.
 
 Imported at every CLI start, so only typer and the standard library are imported at the top;
 numpy and PIL are imported inside the functions.
@@ -35,8 +35,6 @@ DOMAINS = ("cartoon", "painting", "photo", "sketch")
 FORMAT = 1  # bump when the drawings change, so cached copies are known to differ
 SUPERSAMPLE = 2  # drawn at 2x and downsampled: anti-aliased edges
 MANIFEST = "samples.json"
-
-RGB = tuple[int, int, int]
 
 
 # ---------------------------------------------------------------- geometry
@@ -375,8 +373,8 @@ def make_samples(root: str | Path, seed: int = 0, per_class: int = 60, size: int
                  overwrite: bool = False, quiet: bool = False) -> Path:
     """Write `root/<domain>/<class>/<n>.png` and `root/samples.json`; return `root`.
 
-    The images are written to a temporary folder beside `root` and moved into place at the end,
-    so an interrupted run leaves no half-made dataset.
+    The images are drawn into a temporary folder beside `root` and moved in at the end, so an
+    interrupted run leaves no half-made dataset; --overwrite replaces everything in `root`.
     """
     from dgkit.progress import track
 
@@ -390,9 +388,12 @@ def make_samples(root: str | Path, seed: int = 0, per_class: int = 60, size: int
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise DgkitError(f"{root} is not empty; pass --overwrite to replace it, or another "
                          "folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    real = root.resolve()  # so that "." has a name and a parent
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = real.with_name(f".{real.name}.partial-{os.getpid()}")
+    old = real.with_name(f".{real.name}.replaced-{os.getpid()}")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     jobs = [(d, c, n) for d in DOMAINS for c in CLASSES for n in range(per_class)]
     try:
         for d in DOMAINS:
@@ -406,15 +407,16 @@ def make_samples(root: str | Path, seed: int = 0, per_class: int = 60, size: int
                     "per_class": per_class, "size": size, "domains": list(DOMAINS),
                     "classes": list(CLASSES)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if root.exists():
-            old = root.with_name(f".{root.name}.replaced-{os.getpid()}")
-            os.replace(root, old)
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
+        # Move the new files in (the folder itself stays: the user's shell may be in it).
+        real.mkdir(exist_ok=True)
+        old.mkdir()
+        for child in list(real.iterdir()):  # only with --overwrite
+            os.replace(child, old / child.name)
+        for child in list(tmp.iterdir()):
+            os.replace(child, real / child.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return root
 
 
@@ -471,24 +473,28 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for the data, the run and its export.")
                    ] = Path("quickstart"),
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
-    steps: Annotated[int | None, typer.Option(help="Training steps (default: the tuned "
-                                                   "schedule).")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Student input size.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
-    per_class: Annotated[int | None, typer.Option(help="Sample images per class and domain.")
-                         ] = None,
+    # The defaults (None) mean dgkit.quickstart.Schedule's values, which the help repeats.
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: 300).")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="Student input size in pixels (default: 96).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (default: 24).")
+                          ] = None,
+    per_class: Annotated[int | None, typer.Option(
+        help="Sample images per class and domain (default: 40).")] = None,
     seed: Annotated[int, typer.Option(help="Seeds the data and the training.")] = 0,
     teacher: Annotated[str | None, typer.Option(
-        help="CLIP teacher as MODEL:PRETRAINED or MODEL:/path/to/checkpoint "
-             "(default: ViT-B-32:openai; without it the quickstart uses a method that needs "
-             "none).")] = None,
+        help="CLIP teacher, MODEL:PRETRAINED or MODEL:/path/to/checkpoint (default: "
+             "ViT-B-32:openai if it loads, else a method that needs no teacher).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for training (default: the cores other work leaves idle).")] = None,
 ) -> None:
     """Try dgkit in minutes on CPU: draw the sample data, distill a student with the sketch
     domain held out, export FP32, FP16 and INT8, validate them on sketches and classify a few."""
     from dgkit.quickstart import run_quickstart
 
     run_quickstart(out, overwrite=overwrite, steps=steps, image_size=image_size,
-                   batch_size=batch_size, per_class=per_class, seed=seed, teacher=teacher)
+                   batch_size=batch_size, per_class=per_class, seed=seed, teacher=teacher,
+                   threads=threads)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

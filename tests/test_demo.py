@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,18 +273,19 @@ def test_cli_serves_the_demo(demo_run):
     proc = subprocess.Popen([sys.executable, "-m", "dgkit", "demo", str(demo_run), "--port",
                              str(port), "--no-teacher", "--artifact", "onnx"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []  # read on a thread, so that a full pipe never blocks the demo
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    announced = f"dgkit demo of run on http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                page = httpx.get(f"http://127.0.0.1:{port}/config", timeout=2)
-                if page.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "dgkit demo did not start"
-            time.sleep(0.5)
+        # The announcement is printed once the server listens.
+        while not any(announced in line for line in lines):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, f"dgkit demo did not start: {''.join(lines)}"
+            time.sleep(0.2)
+        page = httpx.get(f"http://127.0.0.1:{port}/config", timeout=10)
+        assert page.status_code == 200
         assert "switched off (--no-teacher)" in page.text
     finally:
         proc.send_signal(signal.SIGINT)
@@ -292,9 +294,8 @@ def test_cli_serves_the_demo(demo_run):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    output = proc.stdout.read()
-    assert f"dgkit demo of run on http://127.0.0.1:{port}" in output, output
-    assert "Traceback" not in output, output
+        reader.join(timeout=10)
+    assert "Traceback" not in "".join(lines), "".join(lines)
 
 
 def test_cli_user_errors_are_one_line(tmp_path, demo_run):
