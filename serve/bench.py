@@ -71,3 +71,135 @@ def host_info() -> dict[str, Any]:
     return {"platform": platform.platform(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "physical_cores": physical_cores(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
+
+
+# ---------------------------------------------------------------- HTTP load test
+
+def multipart_body(image: bytes, filename: str = "image.jpg") -> tuple[bytes, str]:
+    """One image as multipart/form-data field `file`; returns (body, content type)."""
+    boundary = "dgkit-bench-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
+    body += image + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def predictor_single_image_rate(predictor: Predictor, image: bytes, requests: int) -> float:
+    """Images/s of back-to-back `predict(image)` calls, decoding included, as a server does."""
+    for _ in range(3):
+        predictor.predict(image)
+    t0 = time.perf_counter()
+    for _ in range(requests):
+        predictor.predict(image)
+    return requests / (time.perf_counter() - t0)
+
+
+def load_test(url: str, image: bytes, clients: int, requests: int, timeout: float = 300.0
+              ) -> dict[str, Any]:
+    """`clients` threads POST `image` to `url` on keep-alive connections until `requests` are
+    answered (or `timeout` seconds pass); stdlib only, so it runs in the base install."""
+    import http.client
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    body, content_type = multipart_body(image)
+    lock = threading.Lock()
+    issued, latencies_ms, errors = 0, [], []
+    deadline = time.monotonic() + timeout
+
+    def client() -> None:
+        nonlocal issued
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        try:
+            while time.monotonic() < deadline:
+                with lock:
+                    if issued >= requests:
+                        return
+                    issued += 1
+                t0 = time.perf_counter()
+                conn.request("POST", parts.path, body, {"Content-Type": content_type})
+                response = conn.getresponse()
+                response.read()
+                with lock:
+                    if response.status == 200:
+                        latencies_ms.append((time.perf_counter() - t0) * 1e3)
+                    else:
+                        errors.append(response.status)
+        except OSError as exc:
+            with lock:
+                errors.append(str(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    ok = len(latencies_ms)
+    return {"clients": clients, "requests": requests, "answered": ok, "errors": len(errors),
+            "seconds": round(elapsed, 3), "images_per_s": round(ok / elapsed, 2),
+            "latency_ms_p50": round(float(np.percentile(latencies_ms, 50)), 2) if ok else None,
+            "latency_ms_p95": round(float(np.percentile(latencies_ms, 95)), 2) if ok else None}
+
+
+def bench_http(model: str, backend: str, clients: int, requests: int,
+               image: bytes | None = None, startup_timeout: float = 120.0) -> dict[str, Any]:
+    """Start `dgkit serve MODEL` on a free localhost port, load it with `clients` concurrent
+    clients and compare its images/s with the Predictor's back-to-back single-image rate."""
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+
+    from dgkit.errors import DgkitError
+
+    image = image or sample_jpeg()
+    predictor = Predictor(model, backend)
+    direct = predictor_single_image_rate(predictor, image, max(20, requests // 4))
+    del predictor  # its session would hold memory and threads while the server runs
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    # The server's log goes to a file, not a pipe: an unread pipe would fill and block it.
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen([sys.executable, "-m", "dgkit", "serve", str(model), "--port",
+                                   str(port), "--backend", backend],
+                                  stdout=subprocess.DEVNULL, stderr=log, text=True)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                if server.poll() is not None:
+                    log.seek(0)
+                    raise DgkitError(f"dgkit serve exited before it answered: "
+                                     f"{log.read().strip()[-300:]}")
+                try:
+                    with urllib.request.urlopen(f"{base}/health", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise DgkitError(f"dgkit serve did not answer within "
+                                         f"{startup_timeout:g} s") from None
+                    time.sleep(0.2)
+            load_test(f"{base}/predict", image, clients, min(requests, 2 * clients))  # warm-up
+            result = load_test(f"{base}/predict", image, clients, requests)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    result["predictor_images_per_s"] = round(direct, 2)
+    result["ratio"] = round(result["images_per_s"] / direct, 3)
+    return result

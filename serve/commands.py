@@ -199,10 +199,18 @@ def bench_infer(
     backend: Annotated[str, typer.Option("--backend", help=f"Comma-separated: {BACKEND_HELP}")
                        ] = "auto",
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per batch size.")] = 30,
+    clients: Annotated[int, typer.Option(
+        "--clients", help="Also load-test `dgkit serve MODEL` on localhost with this many "
+                          "concurrent clients (0: no HTTP test; needs the serve extra).")] = 0,
+    requests: Annotated[int, typer.Option(
+        "--requests", help="Requests the HTTP load test sends before it stops.")] = 400,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")
                         ] = None,
 ) -> None:
-    """Latency p50/p95 and images/s per backend and batch size; preprocessing timed apart."""
+    """Latency p50/p95 and images/s per backend and batch size; preprocessing timed apart.
+
+    With --clients, also the images/s a local `dgkit serve` answers under that many concurrent
+    single-image clients, beside the Predictor's own back-to-back single-image rate."""
     try:
         sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
     except ValueError as exc:
@@ -210,13 +218,19 @@ def bench_infer(
                          f"'{batch_sizes}'") from exc
     if not sizes or min(sizes) < 1 or runs < 1:
         raise DgkitError("--batch-sizes and --runs must be positive integers")
+    if clients < 0 or requests < 1:
+        raise DgkitError(f"--clients must be 0 or more and --requests positive, not {clients} "
+                         f"and {requests}")
+    if clients:
+        for module in ("fastapi", "uvicorn", "multipart"):
+            require_extra("serve", module)
     from rich.console import Console
     from rich.table import Table
 
     from dgkit.atomic import write_json
     from dgkit.progress import console
     from dgkit.serve.backends import check_backend
-    from dgkit.serve.bench import COLUMNS, HEADINGS, bench_predictor, host_info
+    from dgkit.serve.bench import COLUMNS, HEADINGS, bench_http, bench_predictor, host_info
     from dgkit.serve.predictor import Predictor
 
     names = [check_backend(b.strip()) for b in backend.split(",") if b.strip()]
@@ -234,8 +248,17 @@ def bench_infer(
     for row in rows:
         table.add_row(*(str(row[c]) for c in COLUMNS))
     Console().print(table)
+    http = None
+    if clients:
+        console.print(f"[dim]HTTP load test: {requests} requests from {clients} clients on "
+                      f"backend {names[0]}[/dim]")
+        http = bench_http(str(model), names[0], clients, requests)
+        console.print(f"dgkit serve: {http['images_per_s']} img/s with {clients} clients "
+                      f"(p50 {http['latency_ms_p50']} ms, p95 {http['latency_ms_p95']} ms, "
+                      f"{http['errors']} errors); Predictor alone, one image at a time: "
+                      f"{http['predictor_images_per_s']} img/s; ratio {http['ratio']}")
     if json_out is not None:
         write_json(json_out, {"model": str(model), "precision": precision, "host": host_info(),
                               "image": "synthetic 640x480 JPEG", "columns": list(COLUMNS),
-                              "results": rows})
+                              "results": rows, "http": http})
         console.print(f"wrote {json_out}")

@@ -143,3 +143,19 @@ def test_predict_through_main_cli(model: Path, folder: Path) -> None:
                           str(folder)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "does not exist" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_bench_infer_load_tests_the_real_server(model: Path, tmp_path: Path) -> None:
+    from dgkit.serve.bench import load_test
+
+    out = tmp_path / "bench.json"
+    result = invoke("bench", "infer", model, "--batch-sizes", "1", "--runs", "2", "--backend",
+                    "ort-cpu", "--clients", "3", "--requests", "25", "--json", out)
+    assert result.exit_code == 0, result.output
+    http = json.loads(out.read_text())["http"]
+    assert http["clients"] == 3 and http["answered"] == 25 and http["errors"] == 0
+    assert http["latency_ms_p95"] >= http["latency_ms_p50"] > 0
+    assert http["ratio"] == round(http["images_per_s"] / http["predictor_images_per_s"], 3)
+    assert isinstance(invoke("bench", "infer", model, "--clients", "-1").exception, DgkitError)
+    assert load_test("http://127.0.0.1:9/predict", b"x", clients=2, requests=4,
+                     timeout=5)["errors"] == 2  # nothing listens: each client fails once

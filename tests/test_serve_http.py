@@ -177,3 +177,12 @@ def test_serve_user_errors(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "does not exist" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_load_test_counts_refused_requests_as_errors(server: str) -> None:
+    from dgkit.serve.bench import load_test, sample_jpeg
+
+    good = load_test(f"{server}/predict", sample_jpeg(), clients=2, requests=5)
+    assert good["answered"] == 5 and good["errors"] == 0
+    bad = load_test(f"{server}/predict", b"not an image", clients=2, requests=6)
+    assert bad["answered"] == 0 and bad["errors"] == 6 and bad["latency_ms_p50"] is None
