@@ -75,13 +75,14 @@ def host_info() -> dict[str, Any]:
 
 # ---------------------------------------------------------------- HTTP load test
 
-def multipart_body(image: bytes, filename: str = "image.jpg") -> tuple[bytes, str]:
-    """One image as multipart/form-data field `file`; returns (body, content type)."""
+def multipart_body(images: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """(file name, bytes) pairs as multipart/form-data fields `file`; returns (body, type)."""
     boundary = "dgkit-bench-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"{filename}\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
-    body += image + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+             f"filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+             + data + b"\r\n" for name, data in images]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), \
+        f"multipart/form-data; boundary={boundary}"
 
 
 def free_port() -> int:
@@ -111,7 +112,7 @@ def load_test(url: str, image: bytes, clients: int, requests: int, timeout: floa
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    body, content_type = multipart_body(image)
+    body, content_type = multipart_body([("image.jpg", image)])
     lock = threading.Lock()
     issued, latencies_ms, errors = 0, [], []
     deadline = time.monotonic() + timeout
