@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
+from dgkit.distill import options as opt
 from dgkit.errors import DgkitError, require_extra
 
 EXAMPLES = """
@@ -44,37 +45,28 @@ def bench_dg(
     out: Annotated[Path | None, typer.Option(
         help="Benchmark folder; finished runs in it are reused (default: "
              "runs/bench-dg-<date>).")] = None,
-    student: Annotated[str, typer.Option(help="Student network (see dgkit distill --help).")
-                       ] = "efficientnet_lite0",
-    student_weights: Annotated[str, typer.Option(
-        help="imagenet, none, or a path to a backbone state dict.")] = "imagenet",
-    teacher: Annotated[str | None, typer.Option(
-        help="open_clip MODEL:PRETRAINED or MODEL:/path/to/checkpoint "
-             "(default: ViT-B-32:openai for methods that need one).")] = None,
-    teacher_mode: Annotated[str, typer.Option(help="cached or online.")] = "cached",
-    templates: Annotated[Path | None, typer.Option(
-        help="Prompt templates file for every method (default: each method's authors').")
-    ] = None,
-    class_names: Annotated[Path | None, typer.Option(
-        help="File mapping class folders to prompt names.")] = None,
-    steps: Annotated[int, typer.Option(help="Training steps per run (vl2v sets its own).")
-                     ] = 3000,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 96,
-    image_size: Annotated[int, typer.Option(help="Square input size of the student.")] = 224,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-    weight_decay: Annotated[float, typer.Option()] = 1e-4,
-    schedule: Annotated[str, typer.Option(help="cosine, step or constant.")] = "cosine",
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")
-                                ] = None,
-    average: Annotated[str, typer.Option(help="Weight averaging: none, ema or swa.")] = "none",
-    ema_decay: Annotated[float, typer.Option()] = 0.999,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
-    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    student: opt.Student = "efficientnet_lite0",
+    student_weights: opt.StudentWeights = "imagenet",
+    teacher: opt.Teacher = None,
+    teacher_mode: opt.TeacherMode = "cached",
+    templates: opt.Templates = None,
+    class_names: opt.ClassNames = None,
+    steps: opt.Steps = 3000,
+    batch_size: opt.BatchSize = 96,
+    image_size: opt.ImageSize = 224,
+    lr: opt.Lr = 3e-4,
+    optimizer: opt.Optimizer = "adamw",
+    weight_decay: opt.WeightDecay = 1e-4,
+    schedule: opt.Schedule = "cosine",
+    warmup_steps: opt.WarmupSteps = None,
+    eval_every: opt.EvalEvery = None,
+    checkpoint_every: opt.CheckpointEvery = None,
+    average: opt.Average = "none",
+    ema_decay: opt.EmaDecay = 0.999,
+    device: opt.Device = "auto",
+    precision: opt.Precision = "auto",
+    skip_bad: opt.SkipBad = False,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Leave-one-domain-out benchmark of distillation methods over seeds (DomainBed table)."""
     require_extra("train", "torch")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from dgkit.distill import options as opt
 from dgkit.errors import DgkitError, require_extra
 
 EXAMPLES = """
@@ -45,58 +46,40 @@ def _method_options(args: list[str]) -> dict[str, str]:
 
 def distill(
     ctx: typer.Context,
-    data: Annotated[Path | None, typer.Option(help="Root of <domain>/<class>/<image>.")] = None,
+    data: opt.Data = None,
     target: Annotated[list[str] | None, typer.Option(
         help="Domain to hold out (repeatable), or 'all' for leave-one-domain-out.")] = None,
     method: Annotated[str, typer.Option(help="erm, kd, ... (see dgkit methods).")] = "erm",
-    student: Annotated[str, typer.Option(
-        help="efficientnet_lite0, resnet18, resnet50, mobilenet_v3_large or timm:<name>.")
-    ] = "efficientnet_lite0",
-    student_weights: Annotated[str, typer.Option(
-        help="imagenet, none, or a path to a backbone state dict.")] = "imagenet",
-    teacher: Annotated[str | None, typer.Option(
-        help="open_clip MODEL:PRETRAINED or MODEL:/path/to/checkpoint "
-             "(default: ViT-B-32:openai for methods that need one).")] = None,
-    teacher_mode: Annotated[str, typer.Option(
-        help="cached: teacher embeds each image once; online: it sees the student's "
-             "augmented view, as in the papers.")] = "cached",
-    templates: Annotated[Path | None, typer.Option(
-        help="Prompt templates file, one per line with {} for the class name "
-             "(default: the method's authors' prompts, else RISE's ensemble).")] = None,
-    class_names: Annotated[Path | None, typer.Option(
-        help="File mapping class folders to prompt names (JSON or 'folder: name' lines).")
-    ] = None,
+    student: opt.Student = "efficientnet_lite0",
+    student_weights: opt.StudentWeights = "imagenet",
+    teacher: opt.Teacher = None,
+    teacher_mode: opt.TeacherMode = "cached",
+    templates: opt.Templates = None,
+    class_names: opt.ClassNames = None,
     out: Annotated[Path | None, typer.Option(
         help="Run directory (default: runs/<date>-<method>-<target>).")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue an interrupted run from its last checkpoint.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 3000,
-    batch_size: Annotated[int, typer.Option(
-        help="Images per step, split evenly over the source domains.")] = 96,
-    image_size: Annotated[int, typer.Option(help="Square input size of the student.")] = 224,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
-    weight_decay: Annotated[float, typer.Option()] = 1e-4,
-    schedule: Annotated[str, typer.Option(help="cosine, step or constant, after warm-up.")
-                        ] = "cosine",
-    warmup_steps: Annotated[int | None, typer.Option(
-        help="Linear warm-up steps (default: 5% of --steps, at most 500).")] = None,
-    eval_every: Annotated[int | None, typer.Option(
-        help="Evaluate every N steps (default: --steps / 10).")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(
-        help="Checkpoint every N steps (default: --eval-every).")] = None,
-    average: Annotated[str, typer.Option(
-        help="Weight averaging: none, ema or swa (uniform over the last quarter).")] = "none",
-    ema_decay: Annotated[float, typer.Option()] = 0.999,
+    steps: opt.Steps = 3000,
+    batch_size: opt.BatchSize = 96,
+    image_size: opt.ImageSize = 224,
+    lr: opt.Lr = 3e-4,
+    optimizer: opt.Optimizer = "adamw",
+    weight_decay: opt.WeightDecay = 1e-4,
+    schedule: opt.Schedule = "cosine",
+    warmup_steps: opt.WarmupSteps = None,
+    eval_every: opt.EvalEvery = None,
+    checkpoint_every: opt.CheckpointEvery = None,
+    average: opt.Average = "none",
+    ema_decay: opt.EmaDecay = 0.999,
     seed: Annotated[int, typer.Option(help="Seeds the split, sampling and augmentation.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on GPU), fp32 or bf16.")] = "auto",
+    device: opt.Device = "auto",
+    precision: opt.Precision = "auto",
     compile: Annotated[bool, typer.Option(
         help="torch.compile the student backbone (faster on GPU after a warm-up).")] = False,
-    skip_bad: Annotated[bool, typer.Option(
-        help="Skip unreadable images instead of refusing to train.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    skip_bad: opt.SkipBad = False,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Distill a student from the CLIP teacher with a domain-generalization method."""
     require_extra("train", "torch")

@@ -1,0 +1,52 @@
+"""The training options `dgkit distill` and `dgkit bench dg` share: one help text for each.
+
+Each alias carries the option's type and help; the default stays at the parameter, where the
+two commands may differ. Imported at every CLI start, so only typer is imported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Data = Annotated[Path | None, typer.Option(help="Root of <domain>/<class>/<image>.")]
+Student = Annotated[str, typer.Option(
+    help="efficientnet_lite0, resnet18, resnet50, mobilenet_v3_large or timm:<name>.")]
+StudentWeights = Annotated[str, typer.Option(
+    help="imagenet, none, or a path to a backbone state dict.")]
+Teacher = Annotated[str | None, typer.Option(
+    help="open_clip MODEL:PRETRAINED or MODEL:/path/to/checkpoint "
+         "(default: ViT-B-32:openai for methods that need one).")]
+TeacherMode = Annotated[str, typer.Option(
+    help="cached: teacher embeds each image once; online: it sees the student's augmented "
+         "view, as in the papers.")]
+Templates = Annotated[Path | None, typer.Option(
+    help="Prompt templates file, one per line with {} for the class name "
+         "(default: the method's authors' prompts, else RISE's ensemble).")]
+ClassNames = Annotated[Path | None, typer.Option(
+    help="File mapping class folders to prompt names (JSON or 'folder: name' lines).")]
+Steps = Annotated[int, typer.Option(
+    help="Training steps (vl2v ignores it: its --align-steps plus --distill-steps).")]
+BatchSize = Annotated[int, typer.Option(
+    help="Images per step, split evenly over the source domains.")]
+ImageSize = Annotated[int, typer.Option(help="Square input size of the student.")]
+Lr = Annotated[float, typer.Option(help="Peak learning rate.")]
+Optimizer = Annotated[str, typer.Option(help="adamw or sgd.")]
+WeightDecay = Annotated[float, typer.Option(help="Decoupled (AdamW) or L2 (SGD) weight decay.")]
+Schedule = Annotated[str, typer.Option(help="cosine, step or constant, after warm-up.")]
+WarmupSteps = Annotated[int | None, typer.Option(
+    help="Linear warm-up steps (default: 5% of --steps, at most 500).")]
+EvalEvery = Annotated[int | None, typer.Option(
+    help="Evaluate every N steps (default: --steps / 10).")]
+CheckpointEvery = Annotated[int | None, typer.Option(
+    help="Checkpoint every N steps (default: --eval-every).")]
+Average = Annotated[str, typer.Option(
+    help="Weight averaging: none, ema or swa (uniform over the last quarter).")]
+EmaDecay = Annotated[float, typer.Option(help="EMA decay per step, with --average ema.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Precision = Annotated[str, typer.Option(help="auto (bf16 on GPU), fp32 or bf16.")]
+SkipBad = Annotated[bool, typer.Option(
+    help="Skip unreadable images instead of refusing to train.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
