@@ -19,11 +19,16 @@ import io
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from dgkit.serve.bench import free_port, multipart_body
+
+# The commands run outside the repository: there, `python -m dgkit` would import the source
+# folder dgkit/ rather than the installed package this check is about.
+OUTSIDE = tempfile.gettempdir()
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -38,7 +43,7 @@ def predict_accuracy(model: Path, folder: Path, truth: dict[str, str]) -> tuple[
     """Accuracy of `dgkit predict MODEL FOLDER --format csv`, and the images it classified."""
     out = subprocess.run([sys.executable, "-m", "dgkit", "predict", str(model), str(folder),
                           "--format", "csv", "--top-k", "1"], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True, cwd=OUTSIDE).stdout
     rows = list(csv.DictReader(io.StringIO(out)))
     label_key = next(k for k in rows[0] if k.startswith("label"))
     right = sum(truth[str(Path(row["path"]).resolve())] == row[label_key] for row in rows)
@@ -50,7 +55,8 @@ def serve_accuracy(model: Path, images: list[tuple[Path, str]], batch: int = 32
     """Accuracy of a local `dgkit serve MODEL` over HTTP, `batch` images per request."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "dgkit", "serve", str(model), "--port",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=OUTSIDE)
     try:
         for _ in range(600):
             try:
@@ -95,6 +101,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, dest="json_out")
     args = parser.parse_args()
 
+    args.model, args.domain = args.model.resolve(), args.domain.resolve()
     images = domain_images(args.domain)
     truth = {str(p.resolve()): label for p, label in images}
     try:
