@@ -56,7 +56,8 @@ class Result:
     size_mb: float
     accuracy: dict[str, float] = field(default_factory=dict)
     target_accuracy: float | None = None
-    agreement: float | None = None  # % top-1 agreement with torch FP32
+    agreement: float | None = None  # % top-1 agreement with torch FP32, all images
+    agreement_by_set: dict[str, float] = field(default_factory=dict)  # the same, per set
     latency_ms: float | None = None  # batch 1, median
     throughput: float | None = None  # images/s at batch 32
     drop: float | None = None  # torch FP32 target accuracy minus this one, in points
@@ -186,7 +187,11 @@ def evaluate(candidates: Sequence[Candidate], sets: Sequence[EvalSet], max_drop:
         if r.key not in preds:
             continue
         if reference is not None:
-            r.agreement = round(float(100 * (preds[r.key] == preds[TORCH_KEY]).mean()), 2)
+            same = preds[r.key] == preds[TORCH_KEY]
+            r.agreement = round(float(100 * same.mean()), 2)
+            # On the unseen domain agreement is usually lowest: report it apart.
+            r.agreement_by_set = {s.name: round(float(100 * same[lo:hi].mean()), 2)
+                                  for s, lo, hi in zip(sets, bounds[:-1], bounds[1:], strict=True)}
             if r.target_accuracy is not None and reference.target_accuracy is not None:
                 r.drop = round(reference.target_accuracy - r.target_accuracy, 2)
                 if r.drop > max_drop:

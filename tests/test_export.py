@@ -263,6 +263,8 @@ def test_validate_run_measures_what_it_claims(exported, tmp_path):
     int8_pred = _logits(run / "export" / "model.int8.onnx", pixels).argmax(1)
     assert by_key["onnx-int8"]["accuracy"]["sketch"] == round(100 * (int8_pred == labels)
                                                               .mean(), 2)
+    assert by_key["onnx-int8"]["agreement_by_set"]["sketch"] == round(
+        100 * (int8_pred == torch_pred).mean(), 2)
     assert by_key["onnx-int8"]["size_mb"] == round(
         (run / "export" / "model.int8.onnx").stat().st_size / 2**20, 3)
 
