@@ -20,11 +20,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from dgkit.serve.bench import free_port, multipart_body
+from dgkit.serve.bench import multipart_body, running_server
 
 # The commands run outside the repository: there, `python -m dgkit` would import the source
 # folder dgkit/ rather than the installed package this check is about.
@@ -53,19 +51,8 @@ def predict_accuracy(model: Path, folder: Path, truth: dict[str, str]) -> tuple[
 def serve_accuracy(model: Path, images: list[tuple[Path, str]], batch: int = 32
                    ) -> tuple[float, int]:
     """Accuracy of a local `dgkit serve MODEL` over HTTP, `batch` images per request."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "dgkit", "serve", str(model), "--port",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              cwd=OUTSIDE)
-    try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, "dgkit serve exited"
-                time.sleep(0.2)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    with running_server(model) as base:
+        conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=120)
         right = 0
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
@@ -77,9 +64,6 @@ def serve_accuracy(model: Path, images: list[tuple[Path, str]], batch: int = 32
             right += sum(r["label"] == label
                          for r, (_, label) in zip(answer["predictions"], chunk, strict=True))
         conn.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return 100 * right / len(images), len(images)
 
 

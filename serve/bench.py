@@ -9,6 +9,9 @@ from __future__ import annotations
 import io
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -155,10 +158,13 @@ def load_test(url: str, image: bytes, clients: int, requests: int, timeout: floa
             "latency_ms_p95": round(float(np.percentile(latencies_ms, 95)), 2) if ok else None}
 
 
-def bench_http(model: str, backend: str, clients: int, requests: int,
-               image: bytes | None = None, startup_timeout: float = 120.0) -> dict[str, Any]:
-    """Start `dgkit serve MODEL` on a free localhost port, load it with `clients` concurrent
-    clients and compare its images/s with the Predictor's back-to-back single-image rate."""
+@contextmanager
+def running_server(model: str | Path, backend: str = "auto", startup_timeout: float = 120.0
+                   ) -> Iterator[str]:
+    """Run `dgkit serve MODEL` on a free localhost port until the block ends; yields its URL.
+
+    It starts in the temporary folder: from a source checkout, `python -m dgkit` would import
+    the source folder dgkit/ instead of the installed package."""
     import subprocess
     import sys
     import tempfile
@@ -166,17 +172,14 @@ def bench_http(model: str, backend: str, clients: int, requests: int,
 
     from dgkit.errors import DgkitError
 
-    image = image or sample_jpeg()
-    predictor = Predictor(model, backend)
-    direct = predictor_single_image_rate(predictor, image, max(20, requests // 4))
-    del predictor  # its session would hold memory and threads while the server runs
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{free_port()}"
     # The server's log goes to a file, not a pipe: an unread pipe would fill and block it.
     with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen([sys.executable, "-m", "dgkit", "serve", str(model), "--port",
-                                   str(port), "--backend", backend],
-                                  stdout=subprocess.DEVNULL, stderr=log, text=True)
+        server = subprocess.Popen([sys.executable, "-m", "dgkit", "serve",
+                                   str(Path(model).resolve()), "--port", base.rsplit(":", 1)[1],
+                                   "--backend", backend],
+                                  stdout=subprocess.DEVNULL, stderr=log, text=True,
+                                  cwd=tempfile.gettempdir())
         try:
             deadline = time.monotonic() + startup_timeout
             while True:
@@ -192,8 +195,7 @@ def bench_http(model: str, backend: str, clients: int, requests: int,
                         raise DgkitError(f"dgkit serve did not answer within "
                                          f"{startup_timeout:g} s") from None
                     time.sleep(0.2)
-            load_test(f"{base}/predict", image, clients, min(requests, 2 * clients))  # warm-up
-            result = load_test(f"{base}/predict", image, clients, requests)
+            yield base
         finally:
             server.terminate()
             try:
@@ -201,6 +203,19 @@ def bench_http(model: str, backend: str, clients: int, requests: int,
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+
+
+def bench_http(model: str, backend: str, clients: int, requests: int,
+               image: bytes | None = None) -> dict[str, Any]:
+    """Start `dgkit serve MODEL` on a free localhost port, load it with `clients` concurrent
+    clients and compare its images/s with the Predictor's back-to-back single-image rate."""
+    image = image or sample_jpeg()
+    predictor = Predictor(model, backend)
+    direct = predictor_single_image_rate(predictor, image, max(20, requests // 4))
+    del predictor  # its session would hold memory and threads while the server runs
+    with running_server(model, backend) as base:
+        load_test(f"{base}/predict", image, clients, min(requests, 2 * clients))  # warm-up
+        result = load_test(f"{base}/predict", image, clients, requests)
     result["predictor_images_per_s"] = round(direct, 2)
     result["ratio"] = round(result["images_per_s"] / direct, 3)
     return result

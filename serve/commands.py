@@ -156,6 +156,11 @@ def predict(
         raise typer.Exit(1)
 
 
+def _require_serve_extra() -> None:
+    for module in ("fastapi", "uvicorn", "multipart"):
+        require_extra("serve", module)
+
+
 def serve(
     model: Annotated[Path, typer.Argument(help="dgkit .onnx model or TensorRT .plan engine.")],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server.")
@@ -166,8 +171,7 @@ def serve(
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
 ) -> None:
     """Serve the model over HTTP: POST /predict (multipart 'file'), GET /health, GET /model."""
-    for module in ("fastapi", "uvicorn", "multipart"):
-        require_extra("serve", module)
+    _require_serve_extra()
     if max_request_mb <= 0:
         raise DgkitError(f"--max-request-mb must be positive, not {max_request_mb}")
     if not 0 < port < 65536:
@@ -222,8 +226,7 @@ def bench_infer(
         raise DgkitError(f"--clients must be 0 or more and --requests positive, not {clients} "
                          f"and {requests}")
     if clients:
-        for module in ("fastapi", "uvicorn", "multipart"):
-            require_extra("serve", module)
+        _require_serve_extra()
     from rich.console import Console
     from rich.table import Table
 

@@ -8,7 +8,6 @@ tests work whether or not the main `dgkit` CLI exists yet.
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import sys
 import zlib
@@ -23,6 +22,7 @@ from PIL import Image
 from dgkit.errors import DgkitError
 from dgkit.model_meta import ModelMeta
 from dgkit.preprocess import PreprocessSpec
+from dgkit.serve.bench import free_port  # noqa: F401  (the tests' one free-port helper)
 
 CLASSES = ["bird", "cat", "dog", "fish", "horse"]
 SPEC = PreprocessSpec(input_size=32, resize_size=36)
@@ -124,12 +124,6 @@ def huge_png(path: Path, side: int = 20000) -> None:
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat)
                      + _chunk(b"IEND", b""))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_app() -> typer.Typer:

@@ -92,6 +92,19 @@ def _logits(path: Path, pixels: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ the artifacts
 
 
+def _assert_onnx_matches_torch(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """64 images of the run's data: max |logit diff| <= 1e-4 and identical top-1; returns
+    (pixels, torch logits)."""
+    config = RunDir(run).require_trained()
+    pixels, _ = _images(run)
+    pixels = pixels[np.linspace(0, len(pixels) - 1, 64).astype(int)]
+    reference = torch_logits(load_student(RunDir(run), config), pixels)
+    logits = _logits(run / "export" / "model.onnx", pixels)
+    assert np.abs(logits - reference).max() <= 1e-4
+    assert (logits.argmax(1) == reference.argmax(1)).all()
+    return pixels, reference
+
+
 def test_export_writes_every_artifact_and_report(exported):
     run, proc = exported
     names = sorted(p.name for p in (run / "export").iterdir())
@@ -138,13 +151,7 @@ def test_onnx_contract_and_metadata(exported):
 def test_onnx_matches_torch_on_real_images(exported):
     """64 real images of the run's data: max |logit diff| <= 1e-4, identical top-1, any batch."""
     run, _ = exported
-    config = RunDir(run).require_trained()
-    pixels, _ = _images(run)
-    pixels = pixels[np.linspace(0, len(pixels) - 1, 64).astype(int)]
-    reference = torch_logits(load_student(RunDir(run), config), pixels)
-    logits = _logits(run / "export" / "model.onnx", pixels)
-    assert np.abs(logits - reference).max() <= 1e-4
-    assert (logits.argmax(1) == reference.argmax(1)).all()
+    pixels, reference = _assert_onnx_matches_torch(run)
     one = _logits(run / "export" / "model.onnx", pixels[:1])  # dynamic batch: 1 and 64
     assert np.abs(one - reference[:1]).max() <= 1e-4
 
@@ -462,10 +469,4 @@ def test_pacs_subset_export(tmp_path):
     # agrees 94 / 96 %): this checks the INT8 models track FP32 far above chance (1 in 7)
     assert by_key["onnx-int8"]["agreement"] >= 60 and by_key["onnx-int8-trt"]["agreement"] >= 60
     assert report["export"]["calibration"]["images"] == 128
-    config = RunDir(run).require_trained()
-    pixels, _ = _images(run)
-    pixels = pixels[np.linspace(0, len(pixels) - 1, 64).astype(int)]
-    reference = torch_logits(load_student(RunDir(run), config), pixels)
-    logits = _logits(run / "export" / "model.onnx", pixels)
-    assert np.abs(logits - reference).max() <= 1e-4
-    assert (logits.argmax(1) == reference.argmax(1)).all()
+    _assert_onnx_matches_torch(run)
