@@ -36,6 +36,25 @@ for _module in ("dgkit.distill.commands", "dgkit.distill.bench_dg", "dgkit.serve
             raise
 
 
+_USAGE_ERRORS = {"UsageError", "NoSuchOption", "BadParameter", "BadOptionUsage",
+                 "BadArgumentUsage", "MissingParameter"}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from dgkit import __version__
+
+        typer.echo(f"dgkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                       is_eager=True, help="Print dgkit's version and exit.")
+          ) -> None:
+    pass
+
+
 def main() -> None:
     try:
         # Without standalone mode, click returns a command's exit code instead of exiting.
@@ -50,10 +69,13 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors come from click, or from the copy of click that newer typer vendors.
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already printed
+            sys.exit(2)
+        if type(exc).__name__ in _USAGE_ERRORS:
+            typer.secho(f"error: {exc.format_message()}", fg="red", err=True)
+            typer.echo("Run 'dgkit --help' (or 'dgkit COMMAND --help') to see the options.",
+                       err=True)
+            sys.exit(2)
         raise

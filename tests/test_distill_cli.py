@@ -13,6 +13,8 @@ import pytest
 from cli_helpers import TINY, dgkit, error_line
 from safetensors.torch import load_file
 
+from dgkit import __version__ as dgkit_version
+
 
 def _train(data, out, *extra, steps=6, cwd=None):
     return dgkit("distill", "--data", data, "--target", "sketch", "--steps", steps,
@@ -207,3 +209,12 @@ def test_weight_averaging_changes_the_saved_student(tiny_domains, tmp_path):
     assert not torch_equal(head["none"], head["ema"])
     assert not torch_equal(head["none"], head["swa"])
     assert not torch_equal(head["ema"], head["swa"])
+
+
+def test_usage_errors_are_one_line_and_version_prints() -> None:
+    for args in (["--bogus"], ["export", "--bogus"], ["nosuchcommand"]):
+        proc = dgkit(*args)
+        assert proc.returncode == 2, args
+        assert args[-1] in error_line(proc)
+    proc = dgkit("--version", check=True)
+    assert proc.stdout.strip() == f"dgkit {dgkit_version}"
