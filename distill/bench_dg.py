@@ -212,7 +212,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "std": statistics.stdev(values) if len(values) > 1 else None,  # one seed: no spread
             "per_seed": values}
 
 
@@ -225,6 +225,8 @@ def table_row(per_seed: dict[int, dict[str, float]], domains: list[str]) -> dict
 
 
 def _cell(stats: dict[str, Any]) -> str:
+    if stats["std"] is None:
+        return f"{stats['mean']:.1f}"
     return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
 
 

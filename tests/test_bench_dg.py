@@ -10,6 +10,7 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
+from dgkit.distill.bench_dg import markdown, table_row
 from dgkit.errors import DgkitError
 
 
@@ -94,3 +95,13 @@ def test_method_options_reach_only_their_method():
     assert got == {"kd": {"temperature": "4"}, "vl2v": {"align_steps": "50"}}
     with pytest.raises(DgkitError, match="--rise-anchors names none of --methods"):
         _options_by_method("kd", ["--rise-anchors", "quality"])
+
+
+def test_one_seed_shows_no_spread() -> None:
+    row = table_row({0: {"cartoon": 70.0, "sketch": 60.0}}, ["cartoon", "sketch"])
+    assert row["average"] == {"mean": 65.0, "std": None, "per_seed": [65.0]}
+    result = {"domains": ["cartoon", "sketch"], "methods": ["erm"], "seeds": [0],
+              "results": {"erm": row}, "plumbing_check": False, "data": "d",
+              "settings": {"student": "s", "student_weights": "none", "teacher": None,
+                           "steps": 1, "batch_size": 1, "image_size": 32}}
+    assert "| erm | 70.0 | 60.0 | 65.0 |" in markdown(result)
