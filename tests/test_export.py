@@ -184,6 +184,21 @@ def _zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
     return [init[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
 
 
+def _int8_conv_weights(model: onnx.ModelProto) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The int8 weights of (depthwise, other) Convs, traced through their DequantizeLinear."""
+    init = {i.name: i for i in model.graph.initializer}
+    dq_source = {n.output[0]: n.input[0] for n in model.graph.node
+                 if n.op_type == "DequantizeLinear"}
+    depthwise, other = [], []
+    for node in model.graph.node:
+        source = dq_source.get(node.input[1]) if node.op_type == "Conv" else None
+        if source in init and init[source].data_type == TensorProto.INT8:
+            weight = numpy_helper.to_array(init[source])
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            (depthwise if group > 1 and weight.shape[1] == 1 else other).append(weight)
+    return depthwise, other
+
+
 def test_int8_flavours(exported):
     """CPU flavour: uint8 activations; TensorRT flavour: int8 activations with zero point 0 and
     float biases; both per-channel int8 weights and both close to FP32 on real images."""
@@ -206,9 +221,13 @@ def test_int8_flavours(exported):
         init = {i.name for i in model.graph.initializer}
         stem = next(n for n in model.graph.node if n.op_type == "Conv")
         assert stem.input[1] in init, "the first Conv's weights should be float initializers"
-    cpu_w, trt_w = (np.concatenate([numpy_helper.to_array(i).ravel() for i in m.graph.initializer
-                                    if i.data_type == TensorProto.INT8]) for m in (cpu, trt))
-    assert cpu_w.min() >= -64 and cpu_w.max() <= 64  # 7-bit weights: no AVX2 saturation
+    # CPU flavour: 7-bit weights where a convolution runs as a matrix product (no AVX2
+    # saturation), full 8 bits in depthwise convolutions (32-bit accumulation).
+    depthwise, other = _int8_conv_weights(cpu)
+    assert depthwise and other
+    assert all(np.abs(w).max() == 127 for w in depthwise)
+    assert all(w.min() >= -64 and w.max() <= 64 for w in other)
+    trt_w = np.concatenate([w.ravel() for w in sum(_int8_conv_weights(trt), [])])
     assert np.abs(trt_w).max() == 127  # TensorRT keeps full 8-bit weights
     trt_bias = [n for n in trt.graph.node if n.op_type == "DequantizeLinear"
                 and any(i.name == n.input[0] and i.data_type == TensorProto.INT32
