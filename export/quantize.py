@@ -16,8 +16,9 @@ the runtimes want:
 
 In both the first convolution stays FP32: the stem sees the raw image, whose full-range
 activations make it the layer quantization hurts most (EfficientNet-Lite0 on PACS, target
-sketch: top-1 agreement with FP32 93.5 % instead of 86.1 % for the CPU flavour, 95.5 % instead
-of 90.1 % for the TensorRT one), and it is a small share of the work in these students.
+sketch, with 7-bit weights everywhere: top-1 agreement with FP32 93.5 % instead of 86.1 % for
+the CPU flavour, 95.5 % instead of 90.1 % for the TensorRT one), and it is a small share of the
+work in these students.
 
 Both flavours come from one set of activation ranges: the calibration pass runs once, its
 ranges go to a cache file, and each `quantize_static` call reads them from there.
@@ -39,8 +40,9 @@ from dgkit.progress import make_progress
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 # minmax: about as accurate as the others and the fastest. EfficientNet-Lite0 ERM on PACS,
-# sketch held out, all 3,929 sketches (BENCHMARKS.md): CPU flavour 68.62 / 69.18 / 67.91 % for
-# minmax / percentile / entropy (FP32 71.60); an earlier 96 px run ranked minmax first.
+# sketch held out, all 3,929 sketches (BENCHMARKS.md), FP32 71.60: CPU flavour 70.88 % with
+# minmax, 70.53 % with percentile; with 7-bit weights everywhere 68.62 / 69.18 / 67.91 % for
+# minmax / percentile / entropy; an earlier 96 px run ranked minmax first.
 DEFAULT_CALIB_METHOD = "minmax"
 CALIB_BATCH = 16  # images per calibration pass; histograms are merged between passes
 

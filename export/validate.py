@@ -183,6 +183,7 @@ def evaluate(candidates: Sequence[Candidate], sets: Sequence[EvalSet], max_drop:
             r.target_accuracy = round(float(np.mean(targets)), 2) if targets else None
             r.latency_ms, r.throughput = timings(c.run, sample, latency_runs)
     reference = next((r for r in results if r.key == TORCH_KEY and r.key in preds), None)
+    held_out = np.flatnonzero(np.concatenate([np.full(len(s.pixels), s.is_target) for s in sets]))
     for r in results:
         if r.key not in preds:
             continue
@@ -195,8 +196,13 @@ def evaluate(candidates: Sequence[Candidate], sets: Sequence[EvalSet], max_drop:
             if r.target_accuracy is not None and reference.target_accuracy is not None:
                 r.drop = round(reference.target_accuracy - r.target_accuracy, 2)
                 if r.drop > max_drop:
+                    # In images too: on a small held-out set one image is a large share.
+                    right = (preds[r.key] == labels)[held_out].sum()
+                    reference_right = (preds[TORCH_KEY] == labels)[held_out].sum()
                     r.failures.append(f"target accuracy {r.target_accuracy:.2f} is {r.drop:.2f} "
-                                      f"points below torch FP32 (limit {max_drop:g})")
+                                      f"points below torch FP32 (limit {max_drop:g}): "
+                                      f"{right} of {len(held_out)} held-out images right, "
+                                      f"against {reference_right}")
         if r.precision == "fp16" and "onnx-fp32" in preds and r.key.startswith("onnx"):
             agree = float(100 * (preds[r.key] == preds["onnx-fp32"]).mean())
             if agree < FP16_MIN_AGREEMENT:

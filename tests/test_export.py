@@ -289,6 +289,11 @@ def test_validate_run_measures_what_it_claims(exported, tmp_path):
     int8_pred = _logits(run / "export" / "model.int8.onnx", pixels).argmax(1)
     assert by_key["onnx-int8"]["accuracy"]["sketch"] == round(100 * (int8_pred == labels)
                                                               .mean(), 2)
+    assert by_key["onnx-int8"]["failures"] == [
+        f"target accuracy {by_key['onnx-int8']['accuracy']['sketch']:.2f} is "
+        f"{by_key['onnx-int8']['drop']:.2f} points below torch FP32 (limit -101): "
+        f"{(int8_pred == labels).sum()} of {len(labels)} held-out images right, against "
+        f"{(torch_pred == labels).sum()}"]
     assert by_key["onnx-int8"]["agreement_by_set"]["sketch"] == round(
         100 * (int8_pred == torch_pred).mean(), 2)
     assert by_key["onnx-int8"]["size_mb"] == round(
