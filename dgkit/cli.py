@@ -36,10 +36,6 @@ for _module in ("dgkit.distill.commands", "dgkit.distill.bench_dg", "dgkit.serve
             raise
 
 
-_USAGE_ERRORS = {"UsageError", "NoSuchOption", "BadParameter", "BadOptionUsage",
-                 "BadArgumentUsage", "MissingParameter"}
-
-
 def _print_version(value: bool) -> None:
     if value:
         from dgkit import __version__
@@ -70,12 +66,14 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
-        # Usage errors come from click, or from the copy of click that newer typer vendors.
-        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already printed
-            sys.exit(2)
-        if type(exc).__name__ in _USAGE_ERRORS:
+        # click's errors come from click itself or from the copy of it that newer typer
+        # vendors, so they are known by their class names rather than by one import.
+        kinds = {k.__name__ for k in type(exc).__mro__}
+        if "ClickException" not in kinds:
+            raise
+        if "NoArgsIsHelpError" not in kinds:  # that one has printed the help already
             typer.secho(f"error: {exc.format_message()}", fg="red", err=True)
-            typer.echo("Run 'dgkit --help' (or 'dgkit COMMAND --help') to see the options.",
-                       err=True)
-            sys.exit(2)
-        raise
+            if "UsageError" in kinds:
+                typer.echo("Run 'dgkit --help' (or 'dgkit COMMAND --help') to see the options.",
+                           err=True)
+        sys.exit(exc.exit_code)
