@@ -44,7 +44,7 @@ def _check_export_dir(path: Path) -> None:
                          "write its artifacts there")
 
 
-def _run_context(run: RunDir, data_root: Path | None, max_images: int | None):
+def run_context(run: RunDir, data_root: Path | None, max_images: int | None):
     """The run's config, its validation sets (decoded once) and the data they came from."""
     from dgkit.export.images import eval_sets, load_data
     from dgkit.preprocess import PreprocessSpec
@@ -87,7 +87,7 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     started = time.perf_counter()
     # Without validation only the parity images are needed: 32 from each validation set.
     limit = opts.max_images if opts.validate else ox.PARITY_IMAGES // 2
-    config, data, spec, sets = _run_context(run, opts.data, limit)
+    config, data, spec, sets = run_context(run, opts.data, limit)
 
     out = run.export
     written: dict[str, Path] = {}
@@ -200,7 +200,7 @@ def validate_run(run: RunDir, data: Path | None, max_images: int | None, max_dro
     if not artifacts:
         raise DgkitError(f"{run.export} holds no exported model; run dgkit export {run.path} "
                          "first")
-    config, _, _, sets = _run_context(run, data, max_images)
+    config, _, _, sets = run_context(run, data, max_images)
     from dgkit.export import onnx_export as ox
 
     student = ox.load_student(run, config)

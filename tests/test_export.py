@@ -20,6 +20,7 @@ from dgkit.data import decode_samples, discover, split_sources
 from dgkit.export import tensorrt
 from dgkit.export.images import calibration_pixels, calibration_rows
 from dgkit.export.onnx_export import load_student, model_meta, torch_logits
+from dgkit.export.quantize import conv_roles
 from dgkit.model_meta import ModelMeta
 from dgkit.preprocess import PreprocessSpec, to_model_input
 from dgkit.rundir import RunDir
@@ -241,6 +242,41 @@ def test_int8_flavours(exported):
         assert np.isfinite(_logits(run / "export" / name, pixels)).all()
         agree = (_logits(run / "export" / name, pixels).argmax(1) == full.argmax(1)).mean()
         assert agree >= 0.5, name  # a 4-step student on 32 px shapes; PACS test checks more
+
+
+def _conv_graph(path: Path, nodes: list[tuple[str, str, list[str]]]) -> Path:
+    """A graph of (op, output, inputs); a Conv's weight is a 3x3 initializer, depthwise when its
+    output name starts with 'dw'."""
+    from onnx import helper
+
+    inits, made = [], []
+    for op, out, inputs in nodes:
+        if op == "Conv":
+            depthwise = out.startswith("dw")
+            weight = numpy_helper.from_array(
+                np.ones((4, 1 if depthwise else 4, 3, 3), np.float32), f"{out}_w")
+            inits.append(weight)
+            made.append(helper.make_node("Conv", [*inputs, weight.name], [out], name=f"c_{out}",
+                                         group=4 if depthwise else 1, pads=[1, 1, 1, 1]))
+        else:
+            made.append(helper.make_node(op, inputs, [out], name=f"n_{out}"))
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("x", "y")]
+    onnx.save(helper.make_model(helper.make_graph(made, "g", io[:1], io[1:], inits)), path)
+    return path
+
+
+def test_the_stem_is_every_conv_before_the_first_residual_connection(tmp_path):
+    # stem, a depthwise block, then a residual block whose skip input is dw1's output: the
+    # stem is what feeds both inputs of the Add, not the residual branch.
+    graph = _conv_graph(tmp_path / "res.onnx", [
+        ("Conv", "s", ["x"]), ("Relu", "r", ["s"]), ("Conv", "dw1", ["r"]),
+        ("Conv", "b1", ["dw1"]), ("Conv", "b2", ["b1"]), ("Add", "a", ["dw1", "b2"]),
+        ("Conv", "dw2", ["a"]), ("Add", "y", ["dw2", "a"])])
+    assert conv_roles(graph) == (["c_s", "c_dw1"], ["dw1_w", "dw2_w"])
+    # No residual connection (and an Add with a constant does not count): the first Conv.
+    plain = _conv_graph(tmp_path / "plain.onnx", [
+        ("Conv", "s", ["x"]), ("Conv", "c", ["s"]), ("Add", "y", ["c", "s_w"])])
+    assert conv_roles(plain)[0] == ["c_s"]
 
 
 def test_calibration_uses_only_the_sources_training_split(tiny_run, tmp_path):
