@@ -52,7 +52,7 @@ def serve_accuracy(model: Path, images: list[tuple[Path, str]], batch: int = 32
                    ) -> tuple[float, int]:
     """Accuracy of a local `dgkit serve MODEL` over HTTP, `batch` images per request."""
     with running_server(model) as base:
-        conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=120)
+        conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=120)
         right = 0
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]

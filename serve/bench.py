@@ -172,11 +172,12 @@ def running_server(model: str | Path, backend: str = "auto", startup_timeout: fl
 
     from dgkit.errors import DgkitError
 
-    base = f"http://127.0.0.1:{free_port()}"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
     # The server's log goes to a file, not a pipe: an unread pipe would fill and block it.
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen([sys.executable, "-m", "dgkit", "serve",
-                                   str(Path(model).resolve()), "--port", base.rsplit(":", 1)[1],
+                                   str(Path(model).resolve()), "--port", str(port),
                                    "--backend", backend],
                                   stdout=subprocess.DEVNULL, stderr=log, text=True,
                                   cwd=tempfile.gettempdir())
