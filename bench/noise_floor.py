@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from dgkit.errors import DgkitError
 from dgkit.export.exporter import run_context
 from dgkit.export.validate import Logits, file_candidate
 from dgkit.preprocess import to_model_input
@@ -44,9 +46,19 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=None, help="per validation set")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    try:
+        measure(args)
+    except DgkitError as exc:
+        sys.exit(f"error: {exc}")
 
-    export = args.run / "export"
-    _, _, _, sets = run_context(RunDir(args.run), None, args.max_images)
+
+def measure(args: argparse.Namespace) -> None:
+    run, export = RunDir(args.run), args.run / "export"
+    run.require_trained()  # a path that is no run gets that sentence, not the export's
+    if not (export / "model.onnx").is_file():  # before minutes of image decoding
+        raise DgkitError(f"{export / 'model.onnx'} is missing; run dgkit export {args.run} --int8 "
+                         "first")
+    _, _, _, sets = run_context(run, None, args.max_images)
     fp32 = file_candidate(export / "model.onnx").run
     # The TensorRT flavour runs as validate runs it: its exact QDQ reference.
     int8 = {p.name: file_candidate(p).run for p in sorted(export.glob("model.int8*.onnx"))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -530,3 +531,33 @@ def test_pacs_subset_export(tmp_path):
     assert by_key["onnx-int8"]["agreement"] >= 60 and by_key["onnx-int8-trt"]["agreement"] >= 60
     assert report["export"]["calibration"]["images"] == 128
     _assert_onnx_matches_torch(run)
+
+
+# ------------------------------------------------------------------ bench/noise_floor.py
+
+
+NOISE_FLOOR = Path(__file__).resolve().parents[1] / "bench" / "noise_floor.py"
+
+
+def _noise_floor(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(NOISE_FLOOR), *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_noise_floor_refuses_a_missing_run_in_one_line(tmp_path):
+    out = tmp_path / "nf.json"
+    proc = _noise_floor(tmp_path / "nope", "--json", out)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0]
+    assert not out.exists()
+
+
+def test_noise_floor_asks_for_the_export_first(tiny_run, tmp_path):
+    out = tmp_path / "nf.json"
+    proc = _noise_floor(tiny_run, "--json", out)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tiny_run / 'export' / 'model.onnx'} is missing; run dgkit export {tiny_run} "
+        "--int8 first"]
+    assert not out.exists()
