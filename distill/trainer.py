@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import math
 import os
 import platform
@@ -558,10 +559,6 @@ class Trainer:
 
     # ---------------------------------------------------------------- run.json
     def run_config(self, prep_names: list[str] | None = None) -> dict[str, Any]:
-        import open_clip
-        import timm
-        import torchvision
-
         cfg = dataclasses.asdict(self.config)
         cfg["hparams"] = hparams_dict(self.hparams)
         data = discover(self.config.data)
@@ -584,11 +581,21 @@ class Trainer:
             "preprocess": PreprocessSpec(self.config.image_size, self.config.image_size)
             .to_dict(),
             "versions": {"dgkit": __version__, "python": platform.python_version(),
-                         "torch": torch.__version__, "torchvision": torchvision.__version__,
-                         "timm": timm.__version__, "open_clip": open_clip.__version__,
-                         "numpy": np.__version__},
+                         "torch": torch.__version__, "numpy": np.__version__,
+                         **_installed_versions("torchvision", "timm", "open_clip_torch")},
             "host": {"device": str(self.device), "cpus": os.cpu_count()},
         }
+
+
+def _installed_versions(*packages: str) -> dict[str, str | None]:
+    """Versions for run.json, None where a package is absent: ERM and PSD runs need no open_clip."""
+    found: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
