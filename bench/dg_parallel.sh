@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Leave-one-domain-out runs of several methods and seeds, JOBS at a time (small students leave
 # a GPU mostly idle, so several runs share it well), then the DomainBed-style table from
-# `dgkit bench dg`, which finds the finished runs and reuses them.
+# `dgkit bench dg`, which finds the finished runs and reuses them. Run it again after an
+# interruption: finished runs are skipped and interrupted ones resume from their checkpoint.
 #
 #   bench/dg_parallel.sh DATA OUT METHODS SEEDS JOBS [dgkit distill options...]
 #   bench/dg_parallel.sh ../shared/datasets/PACS runs/dg erm,psd 2 8 --steps 2500
@@ -15,10 +16,14 @@ export DATA OUT DGKIT EXTRA
 one() {
   local method=$1 seed=$2 domain=$3
   local name="$method-seed$seed-$domain"
-  [ -f "$OUT/runs/$name/summary.json" ] && grep -q '"finished": true' "$OUT/runs/$name/summary.json" && return
-  $DGKIT distill --data "$DATA" --target "$domain" --method "$method" --seed "$seed" \
-    --out "$OUT/runs/$name" --overwrite --quiet $EXTRA > "$OUT/logs/$name.log" 2>&1 \
-    || echo "failed: $name (see $OUT/logs/$name.log)"
+  local run="$OUT/runs/$name"
+  [ -f "$run/summary.json" ] && grep -q '"finished": true' "$run/summary.json" && return
+  if [ -f "$run/checkpoint.pt" ]; then  # interrupted earlier: continue from its last checkpoint
+    $DGKIT distill --resume "$run" --quiet >> "$OUT/logs/$name.log" 2>&1
+  else
+    $DGKIT distill --data "$DATA" --target "$domain" --method "$method" --seed "$seed" \
+      --out "$run" --overwrite --quiet $EXTRA > "$OUT/logs/$name.log" 2>&1
+  fi || echo "failed: $name (see $OUT/logs/$name.log)"
 }
 export -f one
 for method in ${METHODS//,/ }; do
