@@ -21,7 +21,7 @@ from dgkit.data import decode_samples, discover, split_sources
 from dgkit.export import tensorrt
 from dgkit.export.images import calibration_pixels, calibration_rows
 from dgkit.export.onnx_export import load_student, model_meta, torch_logits
-from dgkit.export.quantize import conv_roles
+from dgkit.export.quantize import conv_roles, symmetric_signed_ranges
 from dgkit.model_meta import ModelMeta
 from dgkit.preprocess import PreprocessSpec, to_model_input
 from dgkit.rundir import RunDir
@@ -208,6 +208,10 @@ def test_int8_flavours(exported):
     cpu = onnx.load(str(run / "export" / "model.int8.onnx"))
     trt = onnx.load(str(run / "export" / "model.int8-trt.onnx"))
     assert {z.dtype for z in _zero_points(cpu)} == {np.dtype(np.uint8)}
+    # signed activations (the logits, for one) symmetric about zero (127.5 rounds either way
+    # in float32); ReLU outputs from zero
+    cpu_zps = {int(z) for z in _zero_points(cpu)}
+    assert 0 in cpu_zps and cpu_zps & {127, 128} and cpu_zps <= {0, 127, 128}
     zps = _zero_points(trt)
     assert zps and {z.dtype for z in zps} == {np.dtype(np.int8)}
     assert all((z == 0).all() for z in zps)
@@ -243,6 +247,32 @@ def test_int8_flavours(exported):
         assert np.isfinite(_logits(run / "export" / name, pixels)).all()
         agree = (_logits(run / "export" / name, pixels).argmax(1) == full.argmax(1)).mean()
         assert agree >= 0.5, name  # a 4-step student on 32 px shapes; PACS test checks more
+
+
+def test_symmetric_signed_ranges_widen_only_ranges_that_span_zero(tmp_path):
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        TensorData,
+        TensorsData,
+        load_tensors_data,
+        save_tensors_data,
+    )
+
+    def f32(v):
+        return np.array(v, dtype=np.float32)
+
+    hist = np.array([3, 1], dtype=np.int64)
+    save_tensors_data(TensorsData(CalibrationMethod.Entropy, {
+        "relu": TensorData(lowest=f32(0.0), highest=f32(6.0), hist=hist, bins=2),
+        "short_low": TensorData(lowest=f32(-20.0), highest=f32(32.0), hist=hist, bins=2),
+        "short_high": TensorData(lowest=f32(-68.0), highest=f32(40.0), hist=hist, bins=2)}),
+        tmp_path / "in.json")
+    symmetric_signed_ranges(tmp_path / "in.json", tmp_path / "out.json")
+    out = load_tensors_data(tmp_path / "out.json")
+    assert out.calibration_method == CalibrationMethod.Entropy
+    got = {k: tuple(float(np.ravel(v)[0]) for v in d.range_value) for k, d in out.data.items()}
+    assert got == {"relu": (0.0, 6.0), "short_low": (-32.0, 32.0), "short_high": (-68.0, 68.0)}
+    assert all(np.array_equal(d.hist, hist) and d.bins == 2 for d in out.data.values())
 
 
 def _conv_graph(path: Path, nodes: list[tuple[str, str, list[str]]]) -> Path:
