@@ -11,7 +11,7 @@ the runtimes want:
   channel they are where the 7th bit matters most (EfficientNet-Lite0 on PACS, target sketch:
   top-1 agreement with FP32 96.0 % instead of 87.6 %; BENCHMARKS.md). Activations that take
   both signs (projection outputs, residual sums) get a range symmetric about zero (zero point
-  128); those that cannot go below zero (ReLU outputs) keep [0, max] and all 256 levels.
+  at mid-range); those that cannot go below zero (ReLU outputs) keep [0, max] and all 256 levels.
   Calibration sees only the source domains, and a held-out domain pushes such tensors past
   that range, most on the side where it was shorter: EfficientNet-Lite0 ERM held out on sketch,
   top-1 agreement with FP32 97.3 % instead of 94.3 % (BENCHMARKS.md). TensorRT's flavour is
