@@ -30,7 +30,10 @@ from dgkit.errors import DgkitError  # noqa: E402
 def encode(job: tuple[Path, Path, int, int | None]) -> int:
     """Write one image; returns its size in bytes."""
     source, out, quality, size = job
-    image = Image.open(source).convert("RGB")
+    try:
+        image = Image.open(source).convert("RGB")
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise DgkitError(f"{source} cannot be read as an image ({exc})") from None
     if size:
         image = image.resize((size, size), Image.BICUBIC)
     pixels = np.asarray(image)
@@ -71,9 +74,10 @@ def main() -> int:
     parser.add_argument("--part-mb", type=float, default=45.0,
                         help="most megabytes per part (default 45)")
     args = parser.parse_args()
+    if args.dest.exists():
+        print(f"error: {args.dest} already exists; pass a new folder", file=sys.stderr)
+        return 1
     try:
-        if args.dest.exists():
-            raise DgkitError(f"{args.dest} already exists; pass a new folder")
         data = discover(args.source)
         staging = args.dest / "all" / args.source.resolve().name
         jobs = [(s.path, staging / s.path.relative_to(data.root), args.quality, args.size)
@@ -86,8 +90,7 @@ def main() -> int:
             sizes[domain] = sizes.get(domain, 0) + n
         parts = pack(sizes, int(args.part_mb * 1e6))
     except DgkitError as exc:
-        if args.dest.exists() and (args.dest / "all").exists():  # ours, half done: leave nothing
-            shutil.rmtree(args.dest)
+        shutil.rmtree(args.dest, ignore_errors=True)  # made by this run, half written
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for i, domains in enumerate(parts):

@@ -18,6 +18,13 @@ def dgkit(*args: str | Path, cwd: Path | None = None, check: bool = False,
     return proc
 
 
+def bench_script(name: str, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `bench/NAME` with this Python, as the commands in BENCHMARKS.md do."""
+    script = Path(__file__).resolve().parents[1] / "bench" / name
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one-line error the CLI printed; fails if it printed a traceback instead."""
     assert "Traceback" not in proc.stderr, proc.stderr

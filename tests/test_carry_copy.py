@@ -1,18 +1,14 @@
 """bench/carry_copy.py: grey images lossless, the rest JPEG, whole domains packed into parts."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from cli_helpers import bench_script, error_line
 from PIL import Image
 
-CARRY_COPY = Path(__file__).resolve().parents[1] / "bench" / "carry_copy.py"
 
-
-def _carry_copy(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CARRY_COPY), *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
+def _carry_copy(*args: object):
+    return bench_script("carry_copy.py", *args)
 
 
 def _noise_domains(root: Path) -> Path:
@@ -65,3 +61,23 @@ def test_a_domain_over_the_limit_is_one_error_and_leaves_no_folder(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: domain ") and "--part-mb" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_image_is_one_error_and_leaves_no_folder(tmp_path):
+    src = _noise_domains(tmp_path / "src")
+    (src / "photo" / "a" / "9.jpg").write_bytes(b"not a jpeg")
+    proc = _carry_copy(src, tmp_path / "out")
+    assert proc.returncode == 1
+    assert error_line(proc).startswith(f"error: {src / 'photo' / 'a' / '9.jpg'} cannot be read")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_destination_is_refused_and_left_as_it_was(tmp_path):
+    src = _noise_domains(tmp_path / "src")
+    keep = tmp_path / "out" / "all" / "mine.txt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("kept")
+    proc = _carry_copy(src, tmp_path / "out")
+    assert proc.returncode == 1
+    assert error_line(proc) == f"error: {tmp_path / 'out'} already exists; pass a new folder"
+    assert keep.read_text() == "kept" and len(list((tmp_path / "out").rglob("*"))) == 2

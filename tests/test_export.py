@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from cli_helpers import TINY, dgkit, error_line
+from cli_helpers import TINY, bench_script, dgkit, error_line
 from onnx import TensorProto, numpy_helper
 
 from dgkit.data import decode_samples, discover, split_sources
@@ -566,17 +565,9 @@ def test_pacs_subset_export(tmp_path):
 # ------------------------------------------------------------------ bench/noise_floor.py
 
 
-NOISE_FLOOR = Path(__file__).resolve().parents[1] / "bench" / "noise_floor.py"
-
-
-def _noise_floor(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(NOISE_FLOOR), *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_noise_floor_refuses_a_missing_run_in_one_line(tmp_path):
     out = tmp_path / "nf.json"
-    proc = _noise_floor(tmp_path / "nope", "--json", out)
+    proc = bench_script("noise_floor.py", tmp_path / "nope", "--json", out)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0]
@@ -585,7 +576,7 @@ def test_noise_floor_refuses_a_missing_run_in_one_line(tmp_path):
 
 def test_noise_floor_asks_for_the_export_first(tiny_run, tmp_path):
     out = tmp_path / "nf.json"
-    proc = _noise_floor(tiny_run, "--json", out)
+    proc = bench_script("noise_floor.py", tiny_run, "--json", out)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: {tiny_run / 'export' / 'model.onnx'} is missing; run dgkit export {tiny_run} "
