@@ -20,7 +20,7 @@ from dgkit.data import decode_samples, discover, split_sources
 from dgkit.export import tensorrt
 from dgkit.export.images import calibration_pixels, calibration_rows
 from dgkit.export.onnx_export import load_student, model_meta, torch_logits
-from dgkit.export.quantize import conv_roles, symmetric_signed_ranges
+from dgkit.export.quantize import conv_roles, round_with_error_feedback, symmetric_signed_ranges
 from dgkit.model_meta import ModelMeta
 from dgkit.preprocess import PreprocessSpec, to_model_input
 from dgkit.rundir import RunDir
@@ -200,7 +200,7 @@ def _int8_conv_weights(model: onnx.ModelProto) -> tuple[list[np.ndarray], list[n
     return depthwise, other
 
 
-def test_int8_flavours(exported):
+def test_int8_flavours(exported, tmp_path):
     """CPU flavour: uint8 activations; TensorRT flavour: int8 activations with zero point 0 and
     float biases; both per-channel int8 weights and both close to FP32 on real images."""
     run, _ = exported
@@ -232,6 +232,21 @@ def test_int8_flavours(exported):
     assert depthwise and other
     assert all(np.abs(w).max() == 127 for w in depthwise)
     assert all(w.min() >= -64 and w.max() <= 64 for w in other)
+    # ... rounded with error feedback, not each weight to its nearest level
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(run / "export" / "model.onnx"), str(pre), skip_symbolic_shape=True)
+    floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(pre)).graph.initializer}
+    init = {i.name: numpy_helper.to_array(i) for i in cpu.graph.initializer}
+    refined = 0
+    for name, weight in floats.items():
+        if weight.ndim == 4 and weight.shape[1:] != (1, 1, 1) and weight.shape[2:] == (1, 1) \
+                and name + "_quantized" in init:
+            scale = init[name + "_scale"].reshape(-1, 1, 1, 1)
+            plain = np.clip(np.round(weight / scale), -64, 64)
+            refined += int((init[name + "_quantized"] != plain).any())
+    assert refined
     trt_w = np.concatenate([w.ravel() for w in sum(_int8_conv_weights(trt), [])])
     assert np.abs(trt_w).max() == 127  # TensorRT keeps full 8-bit weights
     trt_bias = [n for n in trt.graph.node if n.op_type == "DequantizeLinear"
@@ -272,6 +287,33 @@ def test_symmetric_signed_ranges_widen_only_ranges_that_span_zero(tmp_path):
     got = {k: tuple(float(np.ravel(v)[0]) for v in d.range_value) for k, d in out.data.items()}
     assert got == {"relu": (0.0, 6.0), "short_low": (-32.0, 32.0), "short_high": (-68.0, 68.0)}
     assert all(np.array_equal(d.hist, hist) and d.bins == 2 for d in out.data.values())
+
+
+def test_error_feedback_rounding_without_correlation_is_plain_rounding():
+    """Inputs that never occur together give no error to pass on: each weight rounds alone."""
+    weight = np.array([[0.26, -0.74, 1.49], [2.0, 0.5, -3.2]])
+    scale = np.array([0.5, 0.05])
+    levels = round_with_error_feedback(weight, scale, 64, np.diag([1.0, 2.0, 3.0]))
+    assert levels.tolist() == [[1, -1, 3], [40, 10, -64]]  # -3.2 / 0.05 = -64, not beyond
+
+
+def test_error_feedback_rounding_lowers_the_layers_output_error():
+    """Two inputs that always carry the same value: the first weight's rounding error goes to
+    the second (by hand: 0.3 rounds to 0, the second weight becomes 0.3 + 0.3 = 0.6 and rounds
+    to 1, output 1 * x against 0.6 * x, where plain rounding gives 0 * x). On correlated random
+    inputs the output error is below plain rounding's."""
+    same = np.array([[1.0, 1.0], [1.0, 1.0]])
+    levels = round_with_error_feedback(np.array([[0.3, 0.3]]), np.array([1.0]), 64, same, 1e-6)
+    assert levels.tolist() == [[0, 1]]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 4)) @ rng.normal(size=(4, 24))  # 24 inputs, rank 4
+    weight = rng.normal(size=(16, 24))
+    scale = np.abs(weight).max(1) / 64
+    plain = np.clip(np.round(weight / scale[:, None]), -64, 64)
+    fed_back = round_with_error_feedback(weight, scale, 64, x.T @ x / len(x))
+    assert np.abs(fed_back).max() <= 64
+    error = [np.linalg.norm(x @ (weight - q * scale[:, None]).T) for q in (plain, fed_back)]
+    assert error[1] < 0.5 * error[0]
 
 
 def _conv_graph(path: Path, nodes: list[tuple[str, str, list[str]]]) -> Path:
@@ -582,3 +624,80 @@ def test_noise_floor_asks_for_the_export_first(tiny_run, tmp_path):
         f"error: {tiny_run / 'export' / 'model.onnx'} is missing; run dgkit export {tiny_run} "
         "--int8 first"]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ bench/int8_error_split.py
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_error_split_undoing_both_sides_gives_back_fp32(exported):
+    """On the calibration images, which set the ranges, the INT8 graph with both its roundings
+    undone computes the FP32 model (up to the top of each symmetric uint8 range, which lies half
+    a step below its bound: 127 steps above a zero point of 128); with neither undone it is
+    10x off."""
+    split = _bench_module("int8_error_split")
+    export = exported[0] / "export"
+    model = onnx.load(str(export / "model.int8.onnx"))
+    floats = split.float_initializers(export / "model.onnx")
+    pixels = np.load(export / "calibration.npz")["pixels"][:64]
+    reference = _logits(export / "model.onnx", pixels)
+    neither = split.exact(split.undo(model, True, floats))(to_model_input(pixels))
+    both = split.exact(model)(to_model_input(pixels))
+    assert np.abs(neither - reference).max() <= 1e-3
+    assert np.abs(both - reference).max() > 5e-3
+
+    def ops(m, op):
+        return [n for n in m.graph.node if n.op_type == op]
+
+    weights_only = split.undo(model, True, None)
+    activations_only = split.undo(model, False, floats)
+    assert ops(model, "QuantizeLinear") and not ops(weights_only, "QuantizeLinear")
+    weight_dequantizers = [n for n in ops(model, "DequantizeLinear")
+                           if n.input[0].endswith("_quantized")]
+    assert len(ops(weights_only, "DequantizeLinear")) == len(weight_dequantizers)
+    assert len(ops(activations_only, "QuantizeLinear")) == len(ops(model, "QuantizeLinear"))
+    assert not any(n.input[0].endswith("_quantized")
+                   for n in ops(activations_only, "DequantizeLinear"))
+
+
+def test_error_split_rounds_each_output_channel_on_its_own_scale():
+    split = _bench_module("int8_error_split")
+    weight = np.array([[0.5, -1.27, 0.004], [0.0, 0.0, 0.0], [0.3, 0.1, -0.2]], np.float32)
+    scale = 0.3 / 127
+    expected = [[0.5, -1.27, 0.0], [0.0, 0.0, 0.0],
+                [0.3, round(0.1 / scale) * scale, round(-0.2 / scale) * scale]]
+    assert np.allclose(split.round_per_channel(weight, 8), expected, atol=1e-7)
+
+
+def test_error_split_cli_reports_the_exact_int8_agreement(exported, tmp_path):
+    run = exported[0]
+    out = tmp_path / "split.json"
+    proc = bench_script("int8_error_split.py", run, "--json", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 6
+    sketches, _ = _images(run, "sketch")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(run / "export" / "model.int8.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    exact = session.run(["logits"], {"image": to_model_input(sketches)})[0].argmax(1)
+    fp32 = _logits(run / "export" / "model.onnx", sketches).argmax(1)
+    assert rows["int8, exact"]["sketch_agreement"] == round(100 * float((exact == fp32).mean()), 2)
+
+
+def test_error_split_asks_for_the_int8_export_first(tiny_run, tmp_path):
+    proc = bench_script("int8_error_split.py", tiny_run)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tiny_run / 'export' / 'model.onnx'} is missing; run dgkit export {tiny_run} "
+        "--int8 first"]
