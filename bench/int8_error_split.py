@@ -22,24 +22,23 @@ from pathlib import Path
 import numpy as np
 
 from dgkit.errors import DgkitError
-from dgkit.export.exporter import run_context
+from dgkit.export.exporter import require_export, run_context
+from dgkit.export.quantize import QUANTIZED_SUFFIX, pre_process
 from dgkit.export.validate import Logits, file_candidate
 from dgkit.preprocess import to_model_input
 from dgkit.rundir import RunDir
 
 BATCH = 64
-QUANTIZED = "_quantized"  # quantize_static's suffix for a quantized initializer
 
 
 def float_initializers(fp32: Path) -> dict[str, np.ndarray]:
     """The FP32 initializers `quantize_static` started from (BatchNorm folded, names kept)."""
     import onnx
     from onnx import numpy_helper
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="dgkit-split-") as tmp:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        pre_process(fp32, pre)
         return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(pre)).graph.initializer}
 
 
@@ -78,7 +77,7 @@ def undo(model, activations: bool, weights: dict[str, np.ndarray] | None):
         elif node.op_type == "DequantizeLinear" and source in init and weights is not None:
             name = node.output[0] + "_float"
             graph.initializer.append(numpy_helper.from_array(
-                weights[source.removesuffix(QUANTIZED)].astype(np.float32), name))
+                weights[source.removesuffix(QUANTIZED_SUFFIX)].astype(np.float32), name))
             rename[node.output[0]] = name
         elif node.op_type == "DequantizeLinear" and activations and source not in init:
             rename[node.output[0]] = source  # the clip above already gave the range
@@ -132,11 +131,7 @@ def predictions(run: Logits, pixels: np.ndarray) -> np.ndarray:
 
 def measure(args: argparse.Namespace) -> None:
     run, export = RunDir(args.run), args.run / "export"
-    run.require_trained()
-    for name in ("model.onnx", "model.int8.onnx"):
-        if not (export / name).is_file():  # before minutes of image decoding
-            raise DgkitError(f"{export / name} is missing; run dgkit export {args.run} --int8 "
-                             "first")
+    require_export(run, "model.onnx", "model.int8.onnx")
     _, _, _, sets = run_context(run, None, args.max_images)
     fp32 = file_candidate(export / "model.onnx").run
     reference = {s.name: predictions(fp32, s.pixels) for s in sets}

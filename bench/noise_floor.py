@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dgkit.errors import DgkitError
-from dgkit.export.exporter import run_context
+from dgkit.export.exporter import require_export, run_context
 from dgkit.export.validate import Logits, file_candidate
 from dgkit.preprocess import to_model_input
 from dgkit.rundir import RunDir
@@ -54,10 +54,7 @@ def main() -> None:
 
 def measure(args: argparse.Namespace) -> None:
     run, export = RunDir(args.run), args.run / "export"
-    run.require_trained()  # a path that is no run gets that sentence, not the export's
-    if not (export / "model.onnx").is_file():  # before minutes of image decoding
-        raise DgkitError(f"{export / 'model.onnx'} is missing; run dgkit export {args.run} --int8 "
-                         "first")
+    require_export(run, "model.onnx")
     _, _, _, sets = run_context(run, None, args.max_images)
     fp32 = file_candidate(export / "model.onnx").run
     # The TensorRT flavour runs as validate runs it: its exact QDQ reference.

@@ -44,6 +44,15 @@ def _check_export_dir(path: Path) -> None:
                          "write its artifacts there")
 
 
+def require_export(run: RunDir, *names: str) -> None:
+    """A trained run whose export/ holds `names`; checked before minutes of image decoding."""
+    run.require_trained()  # a path that is no run gets that sentence, not the export's
+    for name in names:
+        if not (run.export / name).is_file():
+            raise DgkitError(f"{run.export / name} is missing; run dgkit export {run.path} "
+                             "--int8 first")
+
+
 def run_context(run: RunDir, data_root: Path | None, max_images: int | None):
     """The run's config, its validation sets (decoded once) and the data they came from."""
     from dgkit.export.images import eval_sets, load_data

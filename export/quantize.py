@@ -192,6 +192,15 @@ def symmetric_signed_ranges(ranges: Path, out: Path) -> None:
     save_tensors_data(TensorsData(cache.calibration_method, widened), out)
 
 
+def pre_process(fp32: Path, out: Path) -> None:
+    """Write the graph `quantize_static` starts from: shapes inferred, BatchNorm folded into the
+    convolutions (initializer names kept, so a quantized weight is its float name plus
+    QUANTIZED_SUFFIX)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
+
+
 def _matrix_product_layers(pre: Any, quantized: Any) -> list[Any]:
     """The 1x1 Convs and the Gemms of `pre` whose weights `quantized` holds as int8."""
     import onnx
@@ -294,7 +303,6 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str,
     for each flavour in `metas`, with its dgkit metadata."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from dgkit.export.onnx_export import set_metadata
 
@@ -306,8 +314,8 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str,
     try:
         with tempfile.TemporaryDirectory(prefix="dgkit-int8-") as tmp:
             work = Path(tmp)
-            pre = work / "pre.onnx"  # shape inference and graph optimisation (BN folding)
-            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            pre = work / "pre.onnx"
+            pre_process(fp32, pre)
             ranges = work / "ranges.json"
             calibrate(pre, pixels, method, ranges, work)
             keep_fp32, depthwise = conv_roles(pre)

@@ -200,7 +200,7 @@ def _int8_conv_weights(model: onnx.ModelProto) -> tuple[list[np.ndarray], list[n
     return depthwise, other
 
 
-def test_int8_flavours(exported, tmp_path):
+def test_int8_flavours(exported):
     """CPU flavour: uint8 activations; TensorRT flavour: int8 activations with zero point 0 and
     float biases; both per-channel int8 weights and both close to FP32 on real images."""
     run, _ = exported
@@ -233,11 +233,7 @@ def test_int8_flavours(exported, tmp_path):
     assert all(np.abs(w).max() == 127 for w in depthwise)
     assert all(w.min() >= -64 and w.max() <= 64 for w in other)
     # ... rounded with error feedback, not each weight to its nearest level
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    pre = tmp_path / "pre.onnx"
-    quant_pre_process(str(run / "export" / "model.onnx"), str(pre), skip_symbolic_shape=True)
-    floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(pre)).graph.initializer}
+    floats = _bench_module("int8_error_split").float_initializers(run / "export" / "model.onnx")
     init = {i.name: numpy_helper.to_array(i) for i in cpu.graph.initializer}
     refined = 0
     for name, weight in floats.items():
@@ -701,3 +697,13 @@ def test_error_split_asks_for_the_int8_export_first(tiny_run, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {tiny_run / 'export' / 'model.onnx'} is missing; run dgkit export {tiny_run} "
         "--int8 first"]
+    run = _copy(tiny_run, tmp_path)  # exported without --int8: the FP32 model alone
+    (run / "export").mkdir()
+    (run / "export" / "model.onnx").write_bytes(b"fp32")
+    proc = bench_script("int8_error_split.py", run, "--json", tmp_path / "split.json")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {run / 'export' / 'model.int8.onnx'} is missing; run dgkit export {run} "
+        "--int8 first"]
+    assert (run / "export" / "model.onnx").read_bytes() == b"fp32"
+    assert not (tmp_path / "split.json").exists()
