@@ -22,7 +22,9 @@ the runtimes want:
   symmetric throughout already.
 - `model.int8-trt.onnx` (precision "int8-trt"): symmetric int8 activations (zero point 0),
   full 8-bit weights, float biases and one Q/DQ pair per consumer, as TensorRT's explicit
-  quantization wants (TensorRT accumulates in 32 bits: no saturation).
+  quantization wants (TensorRT accumulates in 32 bits: no saturation). Its 1x1 and classifier
+  weights are rounded with error feedback as well, from the same input statistics (collected
+  once for both flavours).
 
 In both the stem stays FP32: every convolution before the first residual connection (those
 upstream of both inputs of the graph's first two-input Add; the first convolution alone when
@@ -77,7 +79,8 @@ FLAVOURS: dict[str, dict[str, Any]] = {
              "error_feedback_rounding": True},
     "int8-trt": {"activation_type": "QInt8", "reduce_range": False,
                  "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True,
-                                   "QuantizeBias": False, "DedicatedQDQPair": True}},
+                                   "QuantizeBias": False, "DedicatedQDQPair": True},
+                 "error_feedback_rounding": True},
 }
 
 
@@ -272,18 +275,17 @@ def round_with_error_feedback(weight: np.ndarray, scale: np.ndarray, limit: int,
     return levels
 
 
-def refine_matrix_product_weights(quantized: Any, pre: Path, pixels: np.ndarray,
-                                  limit: int) -> None:
+def refine_matrix_product_weights(quantized: Any, float_model: Any, pixels: np.ndarray,
+                                  limit: int, correlations: dict[str, np.ndarray]) -> None:
     """Re-round, in place, the int8 weights of `quantized`'s 1x1 Convs and Gemms (keeping
-    onnxruntime's scales) with `round_with_error_feedback`."""
-    import onnx
+    onnxruntime's scales) with `round_with_error_feedback`. `correlations` caches the float
+    model's input statistics between flavours: layers it lacks are measured on `pixels`."""
     from onnx import numpy_helper
 
-    float_model = onnx.load(str(pre))
     layers = _matrix_product_layers(float_model, quantized)
-    if not layers:
-        return
-    correlations = input_correlations(float_model, layers, pixels)
+    missing = [(node, strides) for node, strides in layers if node.name not in correlations]
+    if missing:
+        correlations.update(input_correlations(float_model, missing, pixels))
     init = {i.name: i for i in quantized.graph.initializer}
     floats = {i.name: i for i in float_model.graph.initializer}
     for node, _ in layers:
@@ -319,6 +321,8 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str,
             ranges = work / "ranges.json"
             calibrate(pre, pixels, method, ranges, work)
             keep_fp32, depthwise = conv_roles(pre)
+            float_model = onnx.load(str(pre))
+            correlations: dict[str, np.ndarray] = {}  # measured once for both flavours
             for flavour, meta in metas.items():
                 spec = FLAVOURS[flavour]
                 target = work / f"{flavour}.onnx"
@@ -341,7 +345,8 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str,
                 model = onnx.load(str(target))
                 if spec.get("error_feedback_rounding"):
                     limit = 64 if spec["reduce_range"] else 127
-                    refine_matrix_product_weights(model, pre, pixels, limit)
+                    refine_matrix_product_weights(model, float_model, pixels, limit,
+                                                  correlations)
                 set_metadata(model, meta)
                 out[flavour] = model
     finally:

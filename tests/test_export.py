@@ -232,17 +232,20 @@ def test_int8_flavours(exported):
     assert depthwise and other
     assert all(np.abs(w).max() == 127 for w in depthwise)
     assert all(w.min() >= -64 and w.max() <= 64 for w in other)
-    # ... rounded with error feedback, not each weight to its nearest level
+    # ... in both flavours the 1x1 weights are rounded with error feedback, not each weight
+    # to its nearest level (the depthwise ones are)
     floats = _bench_module("int8_error_split").float_initializers(run / "export" / "model.onnx")
-    init = {i.name: numpy_helper.to_array(i) for i in cpu.graph.initializer}
-    refined = 0
-    for name, weight in floats.items():
-        if weight.ndim == 4 and weight.shape[1:] != (1, 1, 1) and weight.shape[2:] == (1, 1) \
-                and name + "_quantized" in init:
-            scale = init[name + "_scale"].reshape(-1, 1, 1, 1)
-            plain = np.clip(np.round(weight / scale), -64, 64)
-            refined += int((init[name + "_quantized"] != plain).any())
-    assert refined
+    for model, limit in ((cpu, 64), (trt, 127)):
+        init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        refined = {"pointwise": 0, "depthwise": 0}
+        for name, weight in floats.items():
+            if weight.ndim == 4 and name + "_quantized" in init:
+                kind = "depthwise" if weight.shape[1] == 1 else "pointwise"
+                scale = init[name + "_scale"].reshape(-1, 1, 1, 1)
+                top = 127 if kind == "depthwise" else limit  # depthwise: 8 bits in both
+                plain = np.clip(np.round(weight / scale), -top, top)
+                refined[kind] += int((init[name + "_quantized"] != plain).any())
+        assert refined["pointwise"] and not refined["depthwise"], (limit, refined)
     trt_w = np.concatenate([w.ravel() for w in sum(_int8_conv_weights(trt), [])])
     assert np.abs(trt_w).max() == 127  # TensorRT keeps full 8-bit weights
     trt_bias = [n for n in trt.graph.node if n.op_type == "DequantizeLinear"
