@@ -204,32 +204,72 @@ def pre_process(fp32: Path, out: Path) -> None:
     quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
 
 
-def _matrix_product_layers(pre: Any, quantized: Any) -> list[Any]:
-    """The 1x1 Convs and the Gemms of `pre` whose weights `quantized` holds as int8."""
+# Depthwise statistics come from at most this many output positions per side per image (every
+# r-th row and column, the grid shifting between batches): a full grid made them the slowest
+# part of the export (about 90 s on 2 cores for EfficientNet-Lite0 at 224 px), and on the
+# PACS students the 7x7 grid rounded as well as the full one (BENCHMARKS.md).
+PATCH_GRID = 7
+
+
+def _refined_layers(pre: Any, quantized: Any) -> list[tuple[Any, dict[str, Any], bool]]:
+    """(node, attributes, depthwise) for the Convs and Gemms of `pre` whose weights `quantized`
+    holds as int8 and whose rounding error feedback refines: 1x1 Convs, Gemms (both run as
+    matrix products) and depthwise Convs."""
     import onnx
 
     names = {i.name for i in quantized.graph.initializer}
+    dims = {i.name: list(i.dims) for i in pre.graph.initializer}
     layers = []
     for node in pre.graph.node:
+        if len(node.input) < 2 or node.input[1] + QUANTIZED_SUFFIX not in names:
+            continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        shape = dims.get(node.input[1], [])
         pointwise = (node.op_type == "Conv" and attrs.get("group", 1) == 1
                      and list(attrs.get("kernel_shape", [])) == [1, 1]
                      and not any(attrs.get("pads", [0])))
+        depthwise = (node.op_type == "Conv" and attrs.get("group", 1) > 1 and len(shape) == 4
+                     and shape[0] == attrs["group"] and shape[1] == 1)
         gemm = node.op_type == "Gemm" and attrs.get("transB", 0) == 1
-        if (pointwise or gemm) and node.input[1] + QUANTIZED_SUFFIX in names:
-            layers.append((node, list(attrs.get("strides", [1, 1]))))
+        if pointwise or gemm or depthwise:
+            layers.append((node, attrs, depthwise))
     return layers
 
 
-def input_correlations(pre: Any, layers: list[Any], pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """For each layer, the mean over calibration images and positions of x x^T, where x is
-    the vector of its input channels at one position (the float model's activations)."""
+def patch_gram(x: np.ndarray, attrs: dict[str, Any], shift: int) -> tuple[np.ndarray, int]:
+    """(sum over images and sampled positions of p p^T per channel, number of positions), where
+    p is the k x k patch a depthwise Conv with `attrs` multiplies at one output position of the
+    NCHW input `x`; positions on a grid of at most PATCH_GRID per side, offset by `shift`."""
+    import torch
+    import torch.nn.functional as F
+
+    kh, kw = attrs["kernel_shape"]
+    stride = attrs.get("strides", [1, 1])[0]
+    top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+    padded = F.pad(torch.from_numpy(x), (left, right, top, bottom))
+    n, c, h, w = padded.shape
+    step = max(1, -(-((h - kh) // stride + 1) // PATCH_GRID))
+    offset = (shift % step) * stride
+    rows = (h - kh - offset) // (stride * step) + 1
+    cols = (w - kw - offset) // (stride * step) + 1
+    sn, sc, sh, sw = padded.stride()
+    patches = padded.as_strided((c, kh, kw, n, rows, cols),
+                                (sc, sh, sw, sn, sh * stride * step, sw * stride * step),
+                                offset * (sh + sw)).reshape(c, kh * kw, -1)
+    return torch.bmm(patches, patches.transpose(1, 2)).double().numpy(), patches.shape[2]
+
+
+def input_correlations(pre: Any, layers: list[tuple[Any, dict[str, Any], bool]],
+                       pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """For each layer, the mean over calibration images and positions of x x^T (the float
+    model's activations): x is the vector of a matrix product's input channels at one position,
+    or for a depthwise Conv each channel's k x k input patch (channels x k*k x k*k)."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.ModelProto()
     model.CopyFrom(pre)
-    wanted = sorted({node.input[0] for node, _ in layers})
+    wanted = sorted({node.input[0] for node, _, _ in layers})
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
                                                                  None) for name in wanted)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -237,17 +277,22 @@ def input_correlations(pre: Any, layers: list[Any], pixels: np.ndarray) -> dict[
     rows: dict[str, int] = {}
     with make_progress() as progress:
         task = progress.add_task("Rounding weights", total=len(pixels))
-        for start in range(0, len(pixels), CALIB_BATCH):
+        for batch_index, start in enumerate(range(0, len(pixels), CALIB_BATCH)):
             batch = pixels[start:start + CALIB_BATCH]
             acts = dict(zip(wanted, session.run(wanted, {INPUT_NAME: to_model_input(batch)}),
                             strict=True))
-            for node, strides in layers:
+            for node, attrs, depthwise in layers:
                 x = acts[node.input[0]]
-                if x.ndim == 4:  # NCHW -> one row per position
-                    x = x[:, :, ::strides[0], ::strides[1]].transpose(0, 2, 3, 1)
-                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                sums[node.name] = sums.get(node.name, 0) + x.T @ x
-                rows[node.name] = rows.get(node.name, 0) + len(x)
+                if depthwise:
+                    gram, count = patch_gram(x, attrs, batch_index)
+                else:
+                    if x.ndim == 4:  # NCHW -> one row per position
+                        strides = attrs.get("strides", [1, 1])
+                        x = x[:, :, ::strides[0], ::strides[1]].transpose(0, 2, 3, 1)
+                    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                    gram, count = x.T @ x, len(x)
+                sums[node.name] = sums.get(node.name, 0) + gram
+                rows[node.name] = rows.get(node.name, 0) + count
             progress.advance(task, len(batch))
     return {name: total / rows[name] for name, total in sums.items()}
 
@@ -258,43 +303,51 @@ def round_with_error_feedback(weight: np.ndarray, scale: np.ndarray, limit: int,
     [-limit, limit], chosen input by input so that each rounding error is compensated on the
     inputs not yet rounded, in proportion to how those inputs correlate (GPTQ, Frantar et al.
     2022, with the float model's input statistics). Minimises the layer's output error on
-    the calibration images instead of each weight's own error."""
+    the calibration images instead of each weight's own error. Leading dimensions are
+    independent layers (a depthwise Conv's channels): weight (..., outputs, inputs), scale
+    (..., outputs), correlation (..., inputs, inputs)."""
     w = weight.astype(np.float64).copy()
     h = correlation.astype(np.float64).copy()
-    dead = np.diag(h) == 0  # an input that is always zero: its weight does not matter
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += damping * np.mean(np.diag(h)) * np.eye(len(h))
-    inverse = np.linalg.cholesky(np.linalg.inv(h)).T  # upper triangular
+    diagonal = np.einsum("...ii->...i", h)  # a writable view
+    dead = diagonal == 0  # an input that is always zero: its weight does not matter
+    diagonal[dead] = 1
+    w[np.broadcast_to(dead[..., None, :], w.shape)] = 0
+    diagonal += damping * diagonal.mean(-1, keepdims=True)
+    inverse = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), -1, -2)  # upper triangular
     levels = np.zeros(w.shape, dtype=np.int64)
     scale = scale.astype(np.float64)
-    for i in range(w.shape[1]):
-        levels[:, i] = np.clip(np.round(w[:, i] / scale), -limit, limit)
-        error = (w[:, i] - levels[:, i] * scale) / inverse[i, i]
-        w[:, i + 1:] -= np.outer(error, inverse[i, i + 1:])
+    for i in range(w.shape[-1]):
+        levels[..., i] = np.clip(np.round(w[..., i] / scale), -limit, limit)
+        error = (w[..., i] - levels[..., i] * scale) / inverse[..., i, i, None]
+        w[..., i + 1:] -= error[..., None] * inverse[..., None, i, i + 1:]
     return levels
 
 
-def refine_matrix_product_weights(quantized: Any, float_model: Any, pixels: np.ndarray,
-                                  limit: int, correlations: dict[str, np.ndarray]) -> None:
-    """Re-round, in place, the int8 weights of `quantized`'s 1x1 Convs and Gemms (keeping
-    onnxruntime's scales) with `round_with_error_feedback`. `correlations` caches the float
-    model's input statistics between flavours: layers it lacks are measured on `pixels`."""
+def refine_weights(quantized: Any, float_model: Any, pixels: np.ndarray, limit: int,
+                   correlations: dict[str, np.ndarray]) -> None:
+    """Re-round, in place, the int8 weights of `quantized`'s 1x1 Convs and Gemms (on `limit`
+    levels) and depthwise Convs (127 levels in both flavours), keeping onnxruntime's scales,
+    with `round_with_error_feedback`. `correlations` caches the float model's input statistics
+    between flavours: layers it lacks are measured on `pixels`."""
     from onnx import numpy_helper
 
-    layers = _matrix_product_layers(float_model, quantized)
-    missing = [(node, strides) for node, strides in layers if node.name not in correlations]
+    layers = _refined_layers(float_model, quantized)
+    missing = [layer for layer in layers if layer[0].name not in correlations]
     if missing:
         correlations.update(input_correlations(float_model, missing, pixels))
     init = {i.name: i for i in quantized.graph.initializer}
     floats = {i.name: i for i in float_model.graph.initializer}
-    for node, _ in layers:
+    for node, _, depthwise in layers:
         name = node.input[1]
         weight = numpy_helper.to_array(floats[name])
         target = init[name + QUANTIZED_SUFFIX]
         scale = numpy_helper.to_array(init[name + "_scale"])
-        levels = round_with_error_feedback(weight.reshape(len(weight), -1), scale, limit,
-                                           correlations[node.name])
+        if depthwise:  # each channel a layer of one output
+            levels = round_with_error_feedback(weight.reshape(len(weight), 1, -1),
+                                               scale[:, None], 127, correlations[node.name])
+        else:
+            levels = round_with_error_feedback(weight.reshape(len(weight), -1), scale, limit,
+                                               correlations[node.name])
         target.CopyFrom(numpy_helper.from_array(levels.reshape(weight.shape).astype(np.int8),
                                                 target.name))
 
@@ -345,8 +398,7 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str,
                 model = onnx.load(str(target))
                 if spec.get("error_feedback_rounding"):
                     limit = 64 if spec["reduce_range"] else 127
-                    refine_matrix_product_weights(model, float_model, pixels, limit,
-                                                  correlations)
+                    refine_weights(model, float_model, pixels, limit, correlations)
                 set_metadata(model, meta)
                 out[flavour] = model
     finally:

@@ -20,7 +20,12 @@ from dgkit.data import decode_samples, discover, split_sources
 from dgkit.export import tensorrt
 from dgkit.export.images import calibration_pixels, calibration_rows
 from dgkit.export.onnx_export import load_student, model_meta, torch_logits
-from dgkit.export.quantize import conv_roles, round_with_error_feedback, symmetric_signed_ranges
+from dgkit.export.quantize import (
+    conv_roles,
+    patch_gram,
+    round_with_error_feedback,
+    symmetric_signed_ranges,
+)
 from dgkit.model_meta import ModelMeta
 from dgkit.preprocess import PreprocessSpec, to_model_input
 from dgkit.rundir import RunDir
@@ -232,8 +237,8 @@ def test_int8_flavours(exported):
     assert depthwise and other
     assert all(np.abs(w).max() == 127 for w in depthwise)
     assert all(w.min() >= -64 and w.max() <= 64 for w in other)
-    # ... in both flavours the 1x1 weights are rounded with error feedback, not each weight
-    # to its nearest level (the depthwise ones are)
+    # ... and in both flavours the 1x1 and depthwise weights are rounded with error feedback,
+    # not each weight to its nearest level
     floats = _bench_module("int8_error_split").float_initializers(run / "export" / "model.onnx")
     for model, limit in ((cpu, 64), (trt, 127)):
         init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -245,7 +250,7 @@ def test_int8_flavours(exported):
                 top = 127 if kind == "depthwise" else limit  # depthwise: 8 bits in both
                 plain = np.clip(np.round(weight / scale), -top, top)
                 refined[kind] += int((init[name + "_quantized"] != plain).any())
-        assert refined["pointwise"] and not refined["depthwise"], (limit, refined)
+        assert refined["pointwise"] and refined["depthwise"], (limit, refined)
     trt_w = np.concatenate([w.ravel() for w in sum(_int8_conv_weights(trt), [])])
     assert np.abs(trt_w).max() == 127  # TensorRT keeps full 8-bit weights
     trt_bias = [n for n in trt.graph.node if n.op_type == "DequantizeLinear"
@@ -313,6 +318,40 @@ def test_error_feedback_rounding_lowers_the_layers_output_error():
     assert np.abs(fed_back).max() <= 64
     error = [np.linalg.norm(x @ (weight - q * scale[:, None]).T) for q in (plain, fed_back)]
     assert error[1] < 0.5 * error[0]
+
+
+def test_patch_statistics_match_unfolded_patches():
+    """A depthwise Conv's patch statistics against torch's own unfold: every channel's k x k
+    input patches at the sampled output positions (every 2nd row and column of a 9x9 or 8x8
+    output, shifted by one on odd batches), multiplied out by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    for k, stride, shift in ((3, 2, 0), (3, 2, 1), (5, 2, 1), (3, 1, 0)):
+        data = x[:, :, :9, :9] if stride == 1 else x
+        attrs = {"kernel_shape": [k, k], "strides": [stride, stride], "pads": [k // 2] * 4}
+        gram, count = patch_gram(data, attrs, shift)
+        side = (data.shape[2] + 2 * (k // 2) - k) // stride + 1  # 9 or 8: sampled every 2nd
+        keep = np.arange(side)[shift % 2::2]
+        cols = F.unfold(torch.from_numpy(data), k, padding=k // 2, stride=stride).numpy()
+        cols = cols.reshape(2, 3, k * k, side, side)[:, :, :, keep][..., keep]
+        patches = cols.transpose(1, 2, 0, 3, 4).reshape(3, k * k, -1).astype(np.float64)
+        assert count == 2 * len(keep) ** 2
+        np.testing.assert_allclose(gram, patches @ patches.transpose(0, 2, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_error_feedback_rounding_per_channel_is_each_channel_alone():
+    """A depthwise Conv's channels are independent layers: rounding them in one call gives
+    what rounding each alone gives."""
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(4, 1, 9))
+    scale = np.abs(weight).max(-1) / 127
+    grams = np.stack([z.T @ z / 50 for z in rng.normal(size=(4, 50, 9))])
+    together = round_with_error_feedback(weight, scale, 127, grams)
+    alone = [round_with_error_feedback(weight[c], scale[c], 127, grams[c]) for c in range(4)]
+    assert np.array_equal(together, np.stack(alone))
+    assert not np.array_equal(together, np.round(weight / scale[..., None]))
 
 
 def _conv_graph(path: Path, nodes: list[tuple[str, str, list[str]]]) -> Path:
