@@ -320,25 +320,30 @@ def test_error_feedback_rounding_lowers_the_layers_output_error():
     assert error[1] < 0.5 * error[0]
 
 
-def test_patch_statistics_match_unfolded_patches():
+def test_patch_statistics_match_unfolded_patches(monkeypatch):
     """A depthwise Conv's patch statistics against torch's own unfold: every channel's k x k
-    input patches at the sampled output positions (every 2nd row and column of a 9x9 or 8x8
-    output, shifted by one on odd batches), multiplied out by hand."""
+    input patches at the sampled output positions (at most 4 per side: every 3rd row and
+    column of a 9x9 output, every 2nd of an 8x8 one, the grid shifting by one position a
+    batch), multiplied out by hand."""
     import torch
     import torch.nn.functional as F
 
+    from dgkit.export import quantize
+
+    monkeypatch.setattr(quantize, "PATCH_GRID", 4)
     x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
-    for k, stride, shift in ((3, 2, 0), (3, 2, 1), (5, 2, 1), (3, 1, 0)):
-        data = x[:, :, :9, :9] if stride == 1 else x
+    for k, stride, shift, side, keep in ((3, 2, 0, 8, [0, 2, 4, 6]), (3, 2, 1, 8, [1, 3, 5, 7]),
+                                         (5, 2, 1, 8, [1, 3, 5, 7]), (3, 1, 1, 9, [1, 4, 7]),
+                                         (3, 1, 2, 9, [2, 5, 8])):
+        data = x[:, :, :side, :side] if stride == 1 else x
         attrs = {"kernel_shape": [k, k], "strides": [stride, stride], "pads": [k // 2] * 4}
         gram, count = patch_gram(data, attrs, shift)
-        side = (data.shape[2] + 2 * (k // 2) - k) // stride + 1  # 9 or 8: sampled every 2nd
-        keep = np.arange(side)[shift % 2::2]
         cols = F.unfold(torch.from_numpy(data), k, padding=k // 2, stride=stride).numpy()
         cols = cols.reshape(2, 3, k * k, side, side)[:, :, :, keep][..., keep]
         patches = cols.transpose(1, 2, 0, 3, 4).reshape(3, k * k, -1).astype(np.float64)
         assert count == 2 * len(keep) ** 2
-        np.testing.assert_allclose(gram, patches @ patches.transpose(0, 2, 1), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(gram, patches @ patches.transpose(0, 2, 1), rtol=1e-4,
+                                   atol=1e-4)
 
 
 def test_error_feedback_rounding_per_channel_is_each_channel_alone():
