@@ -4,17 +4,21 @@ the runtimes want:
 
 - `model.int8.onnx` (precision "int8"): uint8 activations, for onnxruntime on CPUs. x86 CPUs
   without VNNI (AVX2 only) run symmetric int8 activations far slower than uint8 ones, and their
-  u8 x s8 multiply (vpmaddubsw) saturates 16-bit sums of two products when both are large, so
-  the weights of the convolutions that run as matrix products keep 7 bits (`reduce_range`, as
-  onnxruntime's guide advises for such CPUs). Depthwise convolutions keep all 8: onnxruntime's
-  depthwise kernel accumulates in 32 bits, so they cannot saturate, and with 9 weights per
-  channel they are where the 7th bit matters most (EfficientNet-Lite0 on PACS, target sketch:
-  top-1 agreement with FP32 96.0 % instead of 87.6 %; BENCHMARKS.md). The 7-bit weights are
-  rounded with error feedback (`round_with_error_feedback`, GPTQ): on the full-schedule PACS
-  students the 7-bit weights caused most of the disagreement with FP32 on the held-out domain
-  (`bench/int8_error_split.py`), and this rounding took art_painting from 96.9 to 98.1 %
-  agreement (BENCHMARKS.md). The depthwise weights are rounded the same way, each channel
-  from the statistics of its k x k input patches. Activations that take
+  u8 x s8 multiply (vpmaddubsw) saturates the 16-bit sum of the products of input channels 2i
+  and 2i+1 when both are large. onnxruntime's guide advises 7-bit weights (`reduce_range`) for
+  such CPUs; dgkit keeps them only where it does not re-round the weights (k x k convolutions
+  over all channels, as in ResNet-18). The 1x1 convolutions and the classifier get 8-bit
+  weights on a pair budget instead (`PAIR_BUDGET`): the weights of channels 2i and 2i+1 share
+  128 levels, which cannot saturate and gives most weights more than 7 bits (EfficientNet-Lite0
+  ERM on PACS, target sketch: top-1 agreement with FP32 97.9 % instead of 97.4 % with 7 bits;
+  BENCHMARKS.md). Depthwise convolutions keep all 8 bits: onnxruntime's depthwise kernel
+  accumulates in 32 bits, so they cannot saturate, and with 9 weights per channel they are
+  where the 7th bit matters most (96.0 % instead of 87.6 % in an earlier recipe). All of these
+  weights are rounded with error feedback (`round_with_error_feedback`, GPTQ): on the
+  full-schedule PACS students the weights caused most of the disagreement with FP32 on the
+  held-out domain (`bench/int8_error_split.py`), and this rounding took art_painting from 96.9
+  to 98.1 % agreement (BENCHMARKS.md); the depthwise weights from the statistics of each
+  channel's k x k input patches. Activations that take
   both signs (projection outputs, residual sums) get a range symmetric about zero (zero point
   at mid-range); those that cannot go below zero (ReLU outputs) keep [0, max] and all 256 levels.
   Calibration sees only the source domains, and a held-out domain pushes such tensors past
@@ -64,6 +68,12 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIB_METHOD = "minmax"
 CALIB_BATCH = 16  # images per calibration pass; histograms are merged between passes
 QUANTIZED_SUFFIX = "_quantized"  # quantize_static's name for a quantized initializer
+# onnxruntime's AVX2 u8 x s8 kernel (vpmaddubsw) adds the products of input channels 2i and
+# 2i+1 in 16 bits, saturating past 32767; uint8 inputs reach 255, so two weights whose
+# magnitudes sum to at most 128 can never saturate (255 * 128 = 32640). The CPU flavour's
+# 1x1 and classifier weights keep to that budget instead of 7 bits (64 levels).
+PAIR_BUDGET = 128
+INT32_RANGE = 2.0**32 - 2  # the levels a symmetric int32 bias spans
 
 # Calibrator options per method. onnxruntime's own defaults through quantize_static make
 # entropy identical to minmax (128 histogram bins for 128 quantized bins leave one candidate
@@ -77,7 +87,7 @@ CALIB_OPTIONS: dict[str, dict[str, Any]] = {
 FLAVOURS: dict[str, dict[str, Any]] = {
     "int8": {"activation_type": "QUInt8", "reduce_range": True, "extra_options": {},
              "full_range_depthwise": True, "symmetric_signed_ranges": True,
-             "error_feedback_rounding": True},
+             "error_feedback_rounding": True, "pair_budget": True},
     "int8-trt": {"activation_type": "QInt8", "reduce_range": False,
                  "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True,
                                    "QuantizeBias": False, "DedicatedQDQPair": True},
@@ -302,14 +312,16 @@ def input_correlations(pre: Any, layers: list[tuple[Any, dict[str, Any], bool]],
 
 
 def round_with_error_feedback(weight: np.ndarray, scale: np.ndarray, limit: int,
-                              correlation: np.ndarray, damping: float = 0.01) -> np.ndarray:
+                              correlation: np.ndarray, damping: float = 0.01,
+                              pair_budget: int | None = None) -> np.ndarray:
     """Integer levels for `weight` (outputs x inputs) on the per-output `scale`, in
     [-limit, limit], chosen input by input so that each rounding error is compensated on the
     inputs not yet rounded, in proportion to how those inputs correlate (GPTQ, Frantar et al.
     2022, with the float model's input statistics). Minimises the layer's output error on
-    the calibration images instead of each weight's own error. Leading dimensions are
-    independent layers (a depthwise Conv's channels): weight (..., outputs, inputs), scale
-    (..., outputs), correlation (..., inputs, inputs)."""
+    the calibration images instead of each weight's own error. With `pair_budget`, the levels
+    of inputs 2i and 2i+1 also sum in magnitude to at most it (the second of a pair gets what
+    the first left). Leading dimensions are independent layers (a depthwise Conv's channels):
+    weight (..., outputs, inputs), scale (..., outputs), correlation (..., inputs, inputs)."""
     w = weight.astype(np.float64).copy()
     h = correlation.astype(np.float64).copy()
     diagonal = np.einsum("...ii->...i", h)  # a writable view
@@ -321,18 +333,38 @@ def round_with_error_feedback(weight: np.ndarray, scale: np.ndarray, limit: int,
     levels = np.zeros(w.shape, dtype=np.int64)
     scale = scale.astype(np.float64)
     for i in range(w.shape[-1]):
-        levels[..., i] = np.clip(np.round(w[..., i] / scale), -limit, limit)
+        bound = limit
+        if pair_budget and i % 2:
+            bound = np.minimum(limit, pair_budget - np.abs(levels[..., i - 1]))
+        levels[..., i] = np.clip(np.round(w[..., i] / scale), -bound, bound)
         error = (w[..., i] - levels[..., i] * scale) / inverse[..., i, i, None]
         w[..., i + 1:] -= error[..., None] * inverse[..., None, i, i + 1:]
     return levels
 
 
-def refine_weights(quantized: Any, float_model: Any, pixels: np.ndarray, limit: int,
-                   correlations: dict[str, np.ndarray]) -> None:
-    """Re-round, in place, the int8 weights of `quantized`'s 1x1 Convs and Gemms (on `limit`
-    levels) and depthwise Convs (127 levels in both flavours), keeping onnxruntime's scales,
-    with `round_with_error_feedback`. `correlations` caches the float model's input statistics
-    between flavours: layers it lacks are measured on `pixels`."""
+def pair_budget_scale(weight: np.ndarray, budget: int, bias: np.ndarray | None,
+                      input_scale: float) -> np.ndarray:
+    """Per-output scales for `weight` (outputs x inputs) on which inputs 2i and 2i+1 fit in
+    `budget` levels together and no weight needs more than 127; never so small that the int32
+    bias on input_scale * scale would overflow (as onnxruntime ensures for its own scales)."""
+    magnitude = np.abs(weight.astype(np.float64))
+    if magnitude.shape[1] % 2:
+        magnitude = np.pad(magnitude, ((0, 0), (0, 1)))
+    scale = np.maximum((magnitude[:, 0::2] + magnitude[:, 1::2]).max(1) / budget,
+                       magnitude.max(1) / 127)
+    if bias is not None:
+        scale = np.maximum(scale, 1.0001 * 2 * np.abs(bias) / INT32_RANGE / input_scale)
+    return np.where(scale > 0, scale, 1.0).astype(np.float32)
+
+
+def refine_weights(quantized: Any, float_model: Any, pixels: np.ndarray,
+                   correlations: dict[str, np.ndarray], pair_budget: int | None = None) -> None:
+    """Re-round, in place, the int8 weights of `quantized`'s 1x1 Convs, Gemms and depthwise
+    Convs on 127 levels with `round_with_error_feedback`. Depthwise Convs keep onnxruntime's
+    scales; so do the others without `pair_budget`, while with it they get
+    `pair_budget_scale`'s and their int32 biases are quantized again on the new scales.
+    `correlations` caches the float model's input statistics between flavours: layers it
+    lacks are measured on `pixels`."""
     from onnx import numpy_helper
 
     layers = _refined_layers(float_model, quantized)
@@ -341,19 +373,36 @@ def refine_weights(quantized: Any, float_model: Any, pixels: np.ndarray, limit: 
         correlations.update(input_correlations(float_model, missing, pixels))
     init = {i.name: i for i in quantized.graph.initializer}
     floats = {i.name: i for i in float_model.graph.initializer}
+    producer = {out: node for node in quantized.graph.node for out in node.output}
+    quantized_nodes = {node.name: node for node in quantized.graph.node}
+
+    def put(name: str, array: np.ndarray) -> None:
+        init[name].CopyFrom(numpy_helper.from_array(array, name))
+
     for node, _, depthwise in layers:
         name = node.input[1]
         weight = numpy_helper.to_array(floats[name])
-        target = init[name + QUANTIZED_SUFFIX]
         scale = numpy_helper.to_array(init[name + "_scale"])
         if depthwise:  # each channel a layer of one output
             levels = round_with_error_feedback(weight.reshape(len(weight), 1, -1),
                                                scale[:, None], 127, correlations[node.name])
         else:
-            levels = round_with_error_feedback(weight.reshape(len(weight), -1), scale, limit,
-                                               correlations[node.name])
-        target.CopyFrom(numpy_helper.from_array(levels.reshape(weight.shape).astype(np.int8),
-                                                target.name))
+            matrix = weight.reshape(len(weight), -1)
+            if pair_budget:
+                bias_name = node.input[2] if len(node.input) > 2 else ""
+                bias = numpy_helper.to_array(floats[bias_name]) if bias_name in floats else None
+                input_dq = producer[quantized_nodes[node.name].input[0]]
+                input_scale = float(numpy_helper.to_array(init[input_dq.input[1]]))
+                scale = pair_budget_scale(matrix, pair_budget, bias, input_scale)
+                put(name + "_scale", scale)
+                if bias is not None and bias_name + QUANTIZED_SUFFIX in init:
+                    bias_scale = scale * np.float32(input_scale)
+                    put(bias_name + QUANTIZED_SUFFIX + "_scale", bias_scale)
+                    put(bias_name + QUANTIZED_SUFFIX,
+                        np.round(bias / bias_scale.astype(np.float64)).astype(np.int32))
+            levels = round_with_error_feedback(matrix, scale, 127, correlations[node.name],
+                                               pair_budget=pair_budget)
+        put(name + QUANTIZED_SUFFIX, levels.reshape(weight.shape).astype(np.int8))
 
 
 def quantize(fp32: Path, pixels: np.ndarray, method: str,
@@ -401,8 +450,8 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str,
                 )
                 model = onnx.load(str(target))
                 if spec.get("error_feedback_rounding"):
-                    limit = 64 if spec["reduce_range"] else 127
-                    refine_weights(model, float_model, pixels, limit, correlations)
+                    budget = PAIR_BUDGET if spec.get("pair_budget") else None
+                    refine_weights(model, float_model, pixels, correlations, budget)
                 set_metadata(model, meta)
                 out[flavour] = model
     finally:

@@ -21,7 +21,9 @@ from dgkit.export import tensorrt
 from dgkit.export.images import calibration_pixels, calibration_rows
 from dgkit.export.onnx_export import load_student, model_meta, torch_logits
 from dgkit.export.quantize import (
+    PAIR_BUDGET,
     conv_roles,
+    pair_budget_scale,
     patch_gram,
     round_with_error_feedback,
     symmetric_signed_ranges,
@@ -231,26 +233,28 @@ def test_int8_flavours(exported):
         init = {i.name for i in model.graph.initializer}
         stem = next(n for n in model.graph.node if n.op_type == "Conv")
         assert stem.input[1] in init, "the first Conv's weights should be float initializers"
-    # CPU flavour: 7-bit weights where a convolution runs as a matrix product (no AVX2
-    # saturation), full 8 bits in depthwise convolutions (32-bit accumulation).
+    # CPU flavour: full 8 bits in depthwise convolutions (32-bit accumulation); where a 1x1
+    # convolution runs as a matrix product, input channels 2i and 2i+1 share 128 levels (no
+    # AVX2 saturation), more than 7-bit weights (64 levels) would give each.
     depthwise, other = _int8_conv_weights(cpu)
     assert depthwise and other
     assert all(np.abs(w).max() == 127 for w in depthwise)
-    assert all(w.min() >= -64 and w.max() <= 64 for w in other)
+    pairs = [np.abs(w.reshape(len(w), -1).astype(int)) for w in other]
+    assert all((m[:, 0::2] + m[:, 1::2]).max() <= PAIR_BUDGET for m in pairs)
+    assert max(m.max() for m in pairs) > 64
     # ... and in both flavours the 1x1 and depthwise weights are rounded with error feedback,
     # not each weight to its nearest level
     floats = _bench_module("int8_error_split").float_initializers(run / "export" / "model.onnx")
-    for model, limit in ((cpu, 64), (trt, 127)):
+    for model in (cpu, trt):
         init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         refined = {"pointwise": 0, "depthwise": 0}
         for name, weight in floats.items():
             if weight.ndim == 4 and name + "_quantized" in init:
                 kind = "depthwise" if weight.shape[1] == 1 else "pointwise"
                 scale = init[name + "_scale"].reshape(-1, 1, 1, 1)
-                top = 127 if kind == "depthwise" else limit  # depthwise: 8 bits in both
-                plain = np.clip(np.round(weight / scale), -top, top)
+                plain = np.clip(np.round(weight / scale), -127, 127)
                 refined[kind] += int((init[name + "_quantized"] != plain).any())
-        assert refined["pointwise"] and refined["depthwise"], (limit, refined)
+        assert refined["pointwise"] and refined["depthwise"], refined
     trt_w = np.concatenate([w.ravel() for w in sum(_int8_conv_weights(trt), [])])
     assert np.abs(trt_w).max() == 127  # TensorRT keeps full 8-bit weights
     trt_bias = [n for n in trt.graph.node if n.op_type == "DequantizeLinear"
@@ -344,6 +348,67 @@ def test_patch_statistics_match_unfolded_patches(monkeypatch):
         assert count == 2 * len(keep) ** 2
         np.testing.assert_allclose(gram, patches @ patches.transpose(0, 2, 1), rtol=1e-4,
                                    atol=1e-4)
+
+
+def _qdq_layer(levels: np.ndarray, op: str) -> tuple[bytes, list[int]]:
+    """A QDQ 1x1 Conv (NCHW, 4x4 positions) or Gemm with int8 weights `levels` (scale 1) on
+    uint8 inputs (scale 1) and a uint8 output (scale 8192): onnxruntime fuses it into one int8
+    kernel unless its graph optimisations are off."""
+    from onnx import helper
+
+    outputs, inputs = levels.shape
+    weight = levels.reshape(outputs, inputs, 1, 1) if op == "Conv" else levels
+    shapes = ([1, inputs, 4, 4], [1, outputs, 4, 4]) if op == "Conv" else ([4, inputs],
+                                                                           [4, outputs])
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(8192.0, np.float32), "out_scale"),
+             numpy_helper.from_array(np.array(0, np.uint8), "u8_zero"),
+             numpy_helper.from_array(weight.astype(np.int8), "w"),
+             numpy_helper.from_array(np.ones(outputs, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(outputs, np.int8), "w_zero")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "one", "u8_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "one", "u8_zero"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=0),
+             helper.make_node(op, ["xd", "wd"], ["y"], **({} if op == "Conv" else {"transB": 1})),
+             helper.make_node("QuantizeLinear", ["y", "out_scale", "u8_zero"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "out_scale", "u8_zero"], ["out"])]
+    graph = helper.make_graph(nodes, op, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                         shapes[0])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT,
+                                                             shapes[1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString(), shapes[0]
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_pair_budget_weights_never_saturate_onnxruntimes_int8_kernel(op):
+    """Positive weights on the pair budget's scale, rounded with error feedback, run on inputs
+    of 255 everywhere (the worst case for 16-bit sums of two products): onnxruntime's fused
+    int8 kernel gives exactly sum(levels) * 255, as integer arithmetic by hand does. Plain
+    8-bit weights would put pairs of ~127 side by side (on AVX2, fused 33,000 instead of
+    65,000 for one such pair)."""
+    rng = np.random.default_rng(0)
+    weight = rng.uniform(0.2, 1.0, size=(16, 64))
+    scale = pair_budget_scale(weight, PAIR_BUDGET, None, 1.0)
+    assert np.allclose(scale, (weight[:, 0::2] + weight[:, 1::2]).max(1) / PAIR_BUDGET)
+    levels = round_with_error_feedback(weight, scale, 127, np.eye(64), pair_budget=PAIR_BUDGET)
+    pair_sums = levels[:, 0::2] + levels[:, 1::2]
+    assert pair_sums.max() == PAIR_BUDGET and levels.max() > 64
+    model, shape = _qdq_layer(levels, op)
+    x = np.full(shape, 255.0, np.float32)
+    fused = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    by_hand = np.round(levels.sum(1) * 255 / 8192) * 8192
+    got = fused[0, :, 0, 0] if op == "Conv" else fused[0]
+    np.testing.assert_array_equal(got, by_hand)
+
+
+def test_pair_budget_scale_leaves_room_for_the_bias():
+    """A channel of tiny weights and a large bias gets a scale whose int32 bias (on
+    input scale x weight scale) fits; an all-zero channel gets scale 1."""
+    weight = np.array([[1e-9, 0.0], [0.5, 0.25], [0.0, 0.0]])
+    scale = pair_budget_scale(weight, 128, np.array([100.0, 0.0, 0.0]), 0.01)
+    assert 100.0 / (scale[0] * 0.01) < 2**31 - 1
+    assert scale[1] == pytest.approx(0.75 / 128) and scale[2] == 1.0
 
 
 def test_error_feedback_rounding_per_channel_is_each_channel_alone():
