@@ -358,10 +358,11 @@ def pair_budget_scale(weight: np.ndarray, budget: int, bias: np.ndarray | None,
 
 
 def refine_weights(quantized: Any, float_model: Any, pixels: np.ndarray,
-                   correlations: dict[str, np.ndarray], pair_budget: int | None = None) -> None:
-    """Re-round, in place, the int8 weights of `quantized`'s 1x1 Convs, Gemms and depthwise
-    Convs on 127 levels with `round_with_error_feedback`. Depthwise Convs keep onnxruntime's
-    scales; so do the others without `pair_budget`, while with it they get
+                   correlations: dict[str, np.ndarray], limit: int = 127,
+                   pair_budget: int | None = None) -> None:
+    """Re-round, in place, the int8 weights of `quantized`'s 1x1 Convs and Gemms (on `limit`
+    levels) and depthwise Convs (127 levels) with `round_with_error_feedback`. Depthwise Convs
+    keep onnxruntime's scales; so do the others without `pair_budget`, while with it they get
     `pair_budget_scale`'s and their int32 biases are quantized again on the new scales.
     `correlations` caches the float model's input statistics between flavours: layers it
     lacks are measured on `pixels`."""
@@ -400,7 +401,7 @@ def refine_weights(quantized: Any, float_model: Any, pixels: np.ndarray,
                     put(bias_name + QUANTIZED_SUFFIX + "_scale", bias_scale)
                     put(bias_name + QUANTIZED_SUFFIX,
                         np.round(bias / bias_scale.astype(np.float64)).astype(np.int32))
-            levels = round_with_error_feedback(matrix, scale, 127, correlations[node.name],
+            levels = round_with_error_feedback(matrix, scale, limit, correlations[node.name],
                                                pair_budget=pair_budget)
         put(name + QUANTIZED_SUFFIX, levels.reshape(weight.shape).astype(np.int8))
 
@@ -451,7 +452,9 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str,
                 model = onnx.load(str(target))
                 if spec.get("error_feedback_rounding"):
                     budget = PAIR_BUDGET if spec.get("pair_budget") else None
-                    refine_weights(model, float_model, pixels, correlations, budget)
+                    # on onnxruntime's own 7-bit scales the levels must stay in its 7-bit range
+                    limit = 64 if spec["reduce_range"] and budget is None else 127
+                    refine_weights(model, float_model, pixels, correlations, limit, budget)
                 set_metadata(model, meta)
                 out[flavour] = model
     finally:
