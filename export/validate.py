@@ -235,10 +235,12 @@ def _status(r: dict[str, Any]) -> str:
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     names = report["sets"]
+    # Agreement per set: on the unseen domain it is usually lowest, and that is the gate's point.
     header = ["artifact", "precision", "runtime", "MB", *[f"acc {n}" for n in names],
-              "agree %", "b1 ms", "b32 img/s", "status"]
+              *[f"agree {n}" for n in names], "b1 ms", "b32 img/s", "status"]
     rows = [[r["file"] or r["key"], r["precision"], r["runtime"], _cell(r["size_mb"]),
-             *[_cell(r["accuracy"].get(n)) for n in names], _cell(r["agreement"]),
+             *[_cell(r["accuracy"].get(n)) for n in names],
+             *[_cell(r["agreement_by_set"].get(n)) for n in names],
              _cell(r["latency_ms"]), _cell(r["throughput"], "{:.1f}"), _status(r)]
             for r in report["artifacts"]]
     return header, rows
@@ -257,7 +259,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"Images: " + ", ".join(f"{k} {v}" for k, v in report["images"].items()) + ".",
              f"Pass: {'yes' if report['passed'] else 'no'} (max drop {report['max_drop']:g} "
              "points of target accuracy below torch FP32). Accuracy and agreement in %; "
-             "agreement is top-1 agreement with torch FP32 on all the images.", "",
+             "agreement is top-1 agreement with torch FP32 on each set's images.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", *[f"- {line}" for line in notes(report)]]

@@ -510,8 +510,14 @@ def test_validate_run_measures_what_it_claims(exported, tmp_path):
         f"{by_key['onnx-int8']['drop']:.2f} points below torch FP32 (limit -101): "
         f"{(int8_pred == labels).sum()} of {len(labels)} held-out images right, against "
         f"{(torch_pred == labels).sum()}"]
-    assert by_key["onnx-int8"]["agreement_by_set"]["sketch"] == round(
-        100 * (int8_pred == torch_pred).mean(), 2)
+    sketch_agreement = round(100 * (int8_pred == torch_pred).mean(), 2)
+    assert by_key["onnx-int8"]["agreement_by_set"]["sketch"] == sketch_agreement
+    # report.md shows that held-out agreement in its own column
+    lines = (run / "export" / "report.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| artifact"))
+    int8_row = next(line for line in lines if line.startswith("| model.int8.onnx |"))
+    cells = dict(zip(header.split(" | "), int8_row.split(" | "), strict=True))
+    assert cells["agree sketch"] == f"{sketch_agreement:.2f}"
     assert by_key["onnx-int8"]["size_mb"] == round(
         (run / "export" / "model.int8.onnx").stat().st_size / 2**20, 3)
 

@@ -32,6 +32,10 @@ def test_quickstart_runs_end_to_end_and_beats_chance_on_held_out_sketches(tmp_pa
     assert {"torch student", "model.onnx", "model.fp16.onnx", "model.int8.onnx"} <= set(rows)
     for name in ("torch student", "model.onnx", "model.fp16.onnx", "model.int8.onnx"):
         assert rows[name]["target_accuracy"] >= 3 * CHANCE, rows[name]
+    report = json.loads((export / "report.json").read_text())
+    int8 = next(a for a in report["artifacts"] if a["file"] == "model.int8.onnx")
+    assert rows["model.int8.onnx"]["target_agreement"] == int8["agreement_by_set"]["sketch"]
+    assert rows["torch student"]["target_agreement"] == 100.0
     assert len(result["examples"]) == 6
     assert all(e["image"].startswith(str(out / "data" / "sketch")) for e in result["examples"])
     # The printed report: the table, the predictions and the next commands.
