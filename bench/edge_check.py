@@ -22,13 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dgkit.preprocess import IMAGE_SUFFIXES
 from dgkit.serve.bench import multipart_body, running_server
 
 # The commands run outside the repository: there, `python -m dgkit` would import the source
 # folder dgkit/ rather than the installed package this check is about.
 OUTSIDE = tempfile.gettempdir()
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def domain_images(folder: Path) -> list[tuple[Path, str]]:

@@ -19,7 +19,6 @@ one single-threaded run, which other processes on the machine barely disturb.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -40,20 +39,26 @@ def make_run(student: str, data: Path, target: str, size: int, folder: Path) -> 
     import torch
     from safetensors.torch import save_file
 
-    from dgkit.distill.students import Student, build_backbone
-    from dgkit.distill.trainer import TrainConfig, Trainer
+    from dgkit.distill.students import Student, build_backbone, build_head
+    from dgkit.distill.trainer import Trainer
+    from dgkit.records import StudentSpec
     from dgkit.rundir import RunDir
+    from dgkit.train_config import TrainConfig
 
     run = RunDir(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(data=str(data), targets=[target], student=student,
                          student_weights=WEIGHTS.get(student, "none"), image_size=size, steps=1)
     trainer = Trainer(config, run, quiet=True)
-    run.write_config(trainer.run_config())
-    classes = len(json.loads(run.run_json.read_text())["classes"])
+    run_config = trainer.run_config()
+    run.write_config(run_config)
     torch.manual_seed(0)
     backbone = build_backbone(student, config.student_weights)
-    model = Student(backbone, torch.nn.Linear(backbone.feature_dim, classes)).eval()
+    spec = StudentSpec(backbone=student, head="linear", feature_dim=backbone.feature_dim,
+                       num_classes=len(run_config.classes), embed_dim=None, input_size=size,
+                       mean=tuple(backbone.mean), std=tuple(backbone.std))
+    run.write_student_spec(spec)
+    model = Student(backbone, build_head(spec)).eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run.student))
     return folder
 
@@ -70,14 +75,13 @@ def _median_ms(fn, x, runs: int, clock=time.perf_counter) -> float:
 def latencies(run: Path, threads: int, runs: int, rounds: int) -> dict[str, dict[str, float]]:
     import torch
 
-    from dgkit.export.onnx_export import load_student
+    from dgkit.distill.students import load_student
     from dgkit.rundir import RunDir
     from dgkit.serve.predictor import Predictor
 
-    config = RunDir(run).require_trained()
-    size = config["preprocess"]["input_size"]
+    size = RunDir(run).require_trained().preprocess.input_size
     x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-    student = load_student(RunDir(run), config)
+    student = load_student(RunDir(run))
 
     def torch_fn(batch: np.ndarray) -> Any:
         with torch.inference_mode():

@@ -2,7 +2,7 @@
 the run's reported accuracies and example images.
 
 The student runs through `dgkit.serve.Predictor`, exactly as on the edge box; only a run that
-has not been exported falls back to the torch student (`rebuild_student`). Every image goes
+has not been exported falls back to the torch student (`load_student`). Every image goes
 through `dgkit.preprocess.load_prepared`, with the student's spec or the teacher's. torch and
 open_clip are imported only when the teacher or the torch student is loaded, so the demo runs on
 a box that has only the serve runtime.
@@ -10,11 +10,8 @@ a box that has only the serve runtime.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import statistics
-import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -26,24 +23,28 @@ import numpy as np
 from PIL import Image
 
 from dgkit.errors import DgkitError
-from dgkit.preprocess import PreprocessSpec, decode_image, load_prepared
+from dgkit.export.formats import BY_KEY
+from dgkit.preprocess import IMAGE_SUFFIXES, PreprocessSpec, decode_image, load_prepared
+from dgkit.records import ArtifactResult, RunConfig, Summary, ValidationReport, safetensors_params
 from dgkit.rundir import RunDir
+from dgkit.teacher_spec import RISE_TEMPLATES, TEACHER_LOGIT_SCALE, TeacherSpec
 
 log = logging.getLogger("dgkit.demo")
 
 TOP_K = 5
 THUMBNAIL = 320
-# `--artifact` -> files under RUN/export/, first present wins (names as dgkit.export.formats).
-ARTIFACT_FILES: dict[str, tuple[str, ...]] = {
-    "onnx": ("model.onnx",),
-    "fp16": ("model.fp16.onnx",),
-    "int8": ("model.int8.onnx",),
-    "trt": ("model.int8.plan", "model.fp16.plan"),
+# `--artifact` -> export formats (dgkit.export.formats), the first present wins.
+ARTIFACT_FORMATS: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnx-fp32",),
+    "fp16": ("onnx-fp16",),
+    "int8": ("onnx-int8",),
+    "trt": ("trt-int8", "trt-fp16"),
 }
+ARTIFACT_FILES = {name: tuple(BY_KEY[k].filename for k in keys)
+                  for name, keys in ARTIFACT_FORMATS.items()}
 ARTIFACTS = ("torch", *ARTIFACT_FILES)
 ARTIFACT_TITLES = {"torch": "FP32 torch", "onnx": "FP32 ONNX", "fp16": "FP16 ONNX",
                    "int8": "INT8 ONNX", "trt": "TensorRT"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 # ------------------------------------------------------------------ small helpers
@@ -69,23 +70,6 @@ def human_count(n: int | None) -> str:
     return str(n)
 
 
-def safetensors_params(path: Path) -> int | None:
-    """Learned parameters in a safetensors file, read from its header only (no torch).
-
-    Buffers (batch-norm statistics, the input mean and std) are not parameters."""
-    try:
-        with path.open("rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > 100_000_000:
-                return None
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError, struct.error):
-        return None
-    skip = ("running_mean", "running_var", "num_batches_tracked")
-    return sum(math.prod(v["shape"]) for k, v in header.items()
-               if k != "__metadata__" and not k.endswith(skip) and k not in ("mean", "std"))
-
-
 def file_size(path: Path | None) -> int | None:
     try:
         return path.stat().st_size if path is not None else None
@@ -93,13 +77,12 @@ def file_size(path: Path | None) -> int | None:
         return None
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file, or None when it is missing or broken (the demo shows what it can)."""
+def read_record(read: Any, what: str) -> Any:
+    """A run's summary or report, or None when it is broken (the demo shows what it can)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        if path.exists():
-            log.warning("cannot read %s: %s", path, exc)
+        return read()
+    except DgkitError as exc:
+        log.warning("cannot read the %s: %s", what, exc)
         return None
 
 
@@ -135,12 +118,12 @@ class Student:
     """The deployable student: an exported artifact through the serve Predictor, or the torch
     student when asked for (`torch`) or when the run has no export."""
 
-    def __init__(self, run: RunDir, config: dict[str, Any], artifact: str, backend: str = "auto",
+    def __init__(self, run: RunDir, config: RunConfig, artifact: str, backend: str = "auto",
                  note: str = "") -> None:
         self.artifact = artifact
         self.note = note
-        self.classes = list(config["classes"])
-        self.arch = str(config.get("student") or config.get("config", {}).get("student", ""))
+        self.classes = list(config.classes)
+        self.arch = config.student
         self.params = safetensors_params(run.student)
         if artifact == "torch":
             self._load_torch(run, config)
@@ -161,19 +144,19 @@ class Student:
             self.spec = self.predictor.spec
         self.file_bytes = file_size(self.path)
 
-    def _load_torch(self, run: RunDir, config: dict[str, Any]) -> None:
+    def _load_torch(self, run: RunDir, config: RunConfig) -> None:
         try:
             import torch
-            from safetensors.torch import load_file
 
-            from dgkit.distill.trainer import rebuild_student
+            from dgkit.distill.students import load_student
         except ImportError as exc:
             raise DgkitError("the torch student needs the 'train' extra (torch is not "
                              "installed): pip install 'dgkit[train]', or export the run with "
                              "dgkit export on a machine that has it") from exc
         try:
-            weights = load_file(str(run.student))
-            self.model = rebuild_student(config, weights).float().eval()
+            self.model = load_student(run)
+        except DgkitError:
+            raise
         except Exception as exc:
             raise DgkitError(f"{run.student} cannot be loaded as this run's student "
                              f"({str(exc).splitlines()[0][:200]})") from exc
@@ -182,7 +165,7 @@ class Student:
         self.precision = "fp32"
         self.backend = "torch-cpu"
         self.predictor = None
-        self.spec = PreprocessSpec(**config["preprocess"])
+        self.spec = config.preprocess
 
     @property
     def title(self) -> str:
@@ -230,35 +213,36 @@ def torch_available() -> bool:
 class Teacher:
     """The run's CLIP teacher, zero-shot over the run's prompts; `reason` says why it is absent."""
 
-    def __init__(self, run: RunDir, config: dict[str, Any], summary: dict[str, Any] | None,
+    def __init__(self, run: RunDir, config: RunConfig, summary: Summary | None,
                  enabled: bool = True) -> None:
-        self.spec_text: str | None = config.get("teacher")
-        self.classes = list(config["classes"])
-        self.plumbing_check = bool((summary or {}).get("plumbing_check"))
+        self.spec_text = config.teacher
+        self.classes = list(config.classes)
+        self.plumbing_check = bool(summary and summary.plumbing_check)
         self.model = None
         self.reason = ""
         self.params: int | None = None
         self.file_bytes: int | None = None
         self.image_size: int | None = None
-        self.name = _teacher_name(self.spec_text)
-        ckpt = _teacher_checkpoint(self.spec_text)
+        spec = TeacherSpec.parse(self.spec_text) if self.spec_text else None
+        self.name = spec.display_name if spec else "none"
+        ckpt = spec.checkpoint if spec else None
         self.file_bytes = file_size(ckpt)
         if ckpt is not None and ckpt.suffix == ".safetensors":
             self.params = safetensors_params(ckpt)
         if not self.spec_text:
             self.reason = (f"this run was distilled without a teacher (method "
-                           f"{config.get('method', '?')}), so there is no CLIP model to compare "
+                           f"{config.method}), so there is no CLIP model to compare "
                            "with")
         elif not enabled:
             self.reason = "the teacher was switched off (--no-teacher)"
         else:
             self._load(run, config)
 
-    def _load(self, run: RunDir, config: dict[str, Any]) -> None:
+    def _load(self, run: RunDir, config: RunConfig) -> None:
         try:
             import torch
 
-            from dgkit.distill.teacher import RISE_TEMPLATES, TEACHER_LOGIT_SCALE, load_teacher
+            from dgkit.distill.teacher import load_teacher
         except ImportError:
             self.reason = ("this machine lacks torch and open_clip, which the CLIP teacher needs "
                            "(pip install 'dgkit[train]'); the student runs without them")
@@ -271,8 +255,8 @@ class Teacher:
         except Exception as exc:  # a broken checkpoint or open_clip surprise: still no crash
             self.reason = f"the teacher cannot be loaded ({str(exc).splitlines()[0][:200]})"
             return
-        names = list(config.get("prompt_names") or self.classes)
-        templates = list(config.get("config", {}).get("templates") or RISE_TEMPLATES)
+        names = list(config.prompt_names or self.classes)
+        templates = list(config.train.templates or RISE_TEMPLATES)
         try:
             from dgkit.distill.cache import text_embeddings
 
@@ -309,26 +293,9 @@ class Teacher:
         return TopK(labels, values, (t2 - t1) * 1e3, (t1 - t0) * 1e3)
 
 
-def _teacher_name(spec: str | None) -> str:
-    if not spec:
-        return "none"
-    model, _, pretrained = spec.partition(":")
-    if "/" in pretrained or "\\" in pretrained or Path(pretrained).suffix:
-        return f"{model} ({Path(pretrained).name})"
-    return f"{model} ({pretrained})"
-
-
-def _teacher_checkpoint(spec: str | None) -> Path | None:
-    if not spec:
-        return None
-    _, _, pretrained = spec.partition(":")
-    path = Path(pretrained).expanduser()
-    return path if path.is_file() else None
-
-
 # ------------------------------------------------------------------ reported accuracy
 SOURCES = "source val"  # the accuracy column over the source domains (validation split)
-REPORT_SOURCE_SETS = ("source_val", "source-val", "sources", "source")
+SOURCE_SET = "source_val"  # the validation report's name of the source-validation set
 
 
 @dataclass
@@ -343,53 +310,24 @@ class AccuracyRow:
     status: str = ""  # "ok", the report's failures, or why it was skipped
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(float(value)) else None
-
-
-def _percent(values: Any, keys: Sequence[str]) -> dict[str, float]:
-    """{key: percent} for the numeric entries of `values` named in `keys`."""
-    if not isinstance(values, dict):
-        return {}
-    nums = {k: v for k, v in ((k, _number(values.get(k))) for k in keys) if v is not None}
-    if nums and max(nums.values()) <= 1.0 and any(v % 1 for v in nums.values()):
-        nums = {k: 100.0 * v for k, v in nums.items()}  # fractions, not percent
-    return nums
-
-
-def _report_row(entry: dict[str, Any], targets: Sequence[str]) -> AccuracyRow | None:
-    acc = entry.get("accuracy") if isinstance(entry.get("accuracy"), dict) else {}
-    row = _percent(acc, targets)
-    source = _percent(acc, REPORT_SOURCE_SETS)
-    if source:
-        row[SOURCES] = next(iter(source.values()))
-    key, file = str(entry.get("key") or ""), str(entry.get("file") or "")
-    precision = str(entry.get("precision") or "").upper()
-    if key.startswith("torch"):
+def _report_row(r: ArtifactResult, targets: Sequence[str]) -> AccuracyRow | None:
+    row = {d: r.accuracy[d] for d in targets if d in r.accuracy}
+    if SOURCE_SET in r.accuracy:
+        row[SOURCES] = r.accuracy[SOURCE_SET]
+    precision = r.precision.upper()
+    if r.key.startswith("torch"):
         name = f"Student {precision or 'FP32'} torch (reference)"
     else:
-        name = f"{file or key} · {precision}" if precision else (file or key)
-    size = _number(entry.get("size_mb"))
-    failures = entry.get("failures") or []
-    status = str(entry.get("skipped") or "") or (
-        "; ".join(map(str, failures)) if isinstance(failures, list) and failures else "ok")
+        name = f"{r.name} · {precision}" if precision else r.name
+    status = r.skipped or ("; ".join(r.failures) if r.failures else "ok")
     if not row and status == "ok":
         return None
-    return AccuracyRow(name, row, int(size * 2**20) if size is not None else None,
-                       _number(entry.get("latency_ms")), _number(entry.get("agreement")),
-                       status)
+    return AccuracyRow(name, row, int(r.size_mb * 2**20), r.latency_ms, r.agreement, status)
 
 
-def report_rows(report: Any, targets: Sequence[str]) -> list[AccuracyRow]:
-    """Rows of export/report.json (`dgkit validate`): {"artifacts": [{key, file, precision,
-    size_mb, accuracy: {<target domain>|source_val: %}, latency_ms, agreement, failures,
-    skipped}]}. Read defensively: anything missing is shown as missing."""
-    entries = report.get("artifacts") if isinstance(report, dict) else None
-    if not isinstance(entries, list):
-        return []
-    rows = [_report_row(e, targets) for e in entries if isinstance(e, dict)]
+def report_rows(report: ValidationReport, targets: Sequence[str]) -> list[AccuracyRow]:
+    """The rows of export/report.json (`dgkit validate`) for the header's table."""
+    rows = [_report_row(r, targets) for r in report.artifacts]
     return [r for r in rows if r is not None]
 
 
@@ -413,52 +351,46 @@ class RunInfo:
     best_step: int | None = None
 
 
-def run_info(run: RunDir, config: dict[str, Any], summary: dict[str, Any] | None) -> RunInfo:
-    domains = list(config.get("domains") or [])
-    targets = list(config.get("target_domains") or [])
-    sources = [d for d in domains if d not in targets]
-    info = RunInfo(name=run.path.name, method=str(config.get("method", "?")),
-                   student_arch=str(config.get("student", "?")), domains=domains,
-                   targets=targets, plumbing_check=bool((summary or {}).get("plumbing_check")))
+def run_info(run: RunDir, config: RunConfig, summary: Summary | None) -> RunInfo:
+    domains, targets, sources = config.domains, config.target_domains, config.source_domains
+    info = RunInfo(name=run.path.name, method=config.method, student_arch=config.student,
+                   domains=list(domains), targets=list(targets),
+                   plumbing_check=bool(summary and summary.plumbing_check))
     if summary:
-        step = _number(summary.get("best_step"))
-        info.best_step = int(step) if step is not None else None
-        teacher = _percent(summary.get("teacher_zero_shot_accuracy"), domains)
+        info.best_step = summary.best_step
+        teacher = summary.teacher_zero_shot_accuracy or {}
         if teacher:
-            info.detail.append(AccuracyRow("Teacher (CLIP zero-shot)", teacher))
+            info.detail.append(AccuracyRow("Teacher (CLIP zero-shot)", dict(teacher)))
             row = {d: teacher[d] for d in targets if d in teacher}
             src = [teacher[d] for d in sources if d in teacher]
             if src:
                 row[SOURCES] = statistics.fmean(src)
-            info.rows.append(AccuracyRow("Teacher (CLIP zero-shot)", row,
-                                         file_size(_teacher_checkpoint(config.get("teacher")))))
-        student = {**_percent(summary.get("source_val_accuracy"), sources),
-                   **_percent(summary.get("target_accuracy"), targets)}
+            ckpt = TeacherSpec.parse(config.teacher).checkpoint if config.teacher else None
+            info.rows.append(AccuracyRow("Teacher (CLIP zero-shot)", row, file_size(ckpt)))
+        student = {**(summary.source_val_accuracy or {}), **(summary.target_accuracy or {})}
         if student:
             info.detail.append(AccuracyRow("Student FP32 (training evaluation)", student,
                                            file_size(run.student)))
             row = {d: student[d] for d in targets if d in student}
-            mean = _number(summary.get("source_val_accuracy_mean"))
-            if mean is not None:
-                row[SOURCES] = mean
+            if summary.source_val_accuracy_mean is not None:
+                row[SOURCES] = summary.source_val_accuracy_mean
             info.rows.append(AccuracyRow("Student FP32 (training evaluation)", row,
                                          file_size(run.student)))
     else:
         info.notes.append("the run has no summary.json yet, so there are no training "
                           "accuracies to show")
-    report = read_json(run.export / "report.json")
-    exported = report_rows(report, targets) if report is not None else []
-    info.rows.extend(exported)
+    report = read_record(run.report, "validation report") if run.report_json.is_file() else None
     if report is not None:
-        info.report_device = str(report.get("device") or "") if isinstance(report, dict) else ""
-        images = report.get("images") if isinstance(report, dict) else None
-        if isinstance(images, dict):
-            info.report_images = {str(k): int(v) for k, v in images.items()
-                                  if isinstance(v, int) and not isinstance(v, bool)}
-        passed = report.get("passed") if isinstance(report, dict) else None
-        info.report_passed = passed if isinstance(passed, bool) else None
+        exported = report_rows(report, targets)
+        info.rows.extend(exported)
+        info.report_device = report.device
+        info.report_images = dict(report.images)
+        info.report_passed = report.passed
         if not exported:
             info.notes.append("export/report.json holds no accuracies this demo can read")
+    elif run.report_json.is_file():
+        info.notes.append("export/report.json cannot be read: dgkit validate "
+                          f"{run.path} measures the exported models again")
     elif run.export.is_dir():
         info.notes.append("the export has no report.json yet: dgkit validate "
                           f"{run.path} measures the exported models")
@@ -498,17 +430,17 @@ class Example:
             return None
 
 
-def find_examples(config: dict[str, Any], per_domain: int = 2) -> list[Example]:
+def find_examples(config: RunConfig, per_domain: int = 2) -> list[Example]:
     """A few images of every domain of the run (its data root), target domains marked.
 
     Classes are spread over domains so that the examples show different classes."""
-    root = Path(str(config.get("data_root") or ""))
-    if not config.get("data_root") or not root.is_dir():
+    root = Path(config.data_root)
+    if not root.is_dir():
         return []
-    targets = set(config.get("target_domains") or [])
-    classes = list(config.get("classes") or [])
+    targets = set(config.target_domains)
+    classes = list(config.classes)
     out: list[Example] = []
-    for d, domain in enumerate(config.get("domains") or []):
+    for d, domain in enumerate(config.domains):
         for j in range(per_domain):
             if not classes:
                 break
@@ -526,18 +458,14 @@ def find_examples(config: dict[str, Any], per_domain: int = 2) -> list[Example]:
     return sorted(out, key=lambda e: not e.unseen)
 
 
-def true_label(path: Path, config: dict[str, Any]) -> tuple[str, str] | None:
+def true_label(path: Path, config: RunConfig) -> tuple[str, str] | None:
     """(class, domain) of an image inside the run's data root, else None."""
-    root = config.get("data_root")
-    if not root:
-        return None
     try:
-        rel = Path(path).resolve().relative_to(Path(root).resolve())
+        rel = Path(path).resolve().relative_to(Path(config.data_root).resolve())
     except (ValueError, OSError):
         return None
     parts = rel.parts
-    if len(parts) >= 3 and parts[0] in (config.get("domains") or []) and \
-            parts[1] in config.get("classes", []):
+    if len(parts) >= 3 and parts[0] in config.domains and parts[1] in config.classes:
         return parts[1], parts[0]
     return None
 
@@ -580,7 +508,7 @@ class Demo:
                              f"{', '.join(ARTIFACTS)}")
         self.run = run
         self.config = run.require_trained()
-        self.summary = read_json(run.summary)
+        self.summary = read_record(run.summary, "run summary")
         self.backend = backend
         self.top_k = top_k
         self.exported = available_artifacts(run)
@@ -641,7 +569,7 @@ class Demo:
         name = name or Path(source).name
         result = ImageResult(name=name, truth=true_label(Path(source), self.config))
         if result.truth:
-            result.unseen = result.truth[1] in (self.config.get("target_domains") or [])
+            result.unseen = result.truth[1] in self.config.target_domains
         try:
             result.thumbnail = thumbnail(decode_image(source, draft_size=THUMBNAIL))
             result.student = self.student(artifact).classify(source, self.top_k)

@@ -28,7 +28,8 @@ app.add_typer(bench_app, name="bench")
 
 # Each stage's commands live beside the stage; their modules import only typer at the top.
 for _module in ("dgkit.distill.commands", "dgkit.distill.bench_dg", "dgkit.serve.commands",
-                "dgkit.export.commands", "dgkit.demo.commands", "dgkit.samples"):
+                "dgkit.export.commands", "dgkit.demo.commands", "dgkit.samples",
+                "dgkit.quickstart"):
     try:
         importlib.import_module(_module).register(app, bench_app)
     except ModuleNotFoundError as exc:

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from dgkit.errors import DgkitError
-from dgkit.preprocess import ImageError, PreprocessSpec, load_prepared
+from dgkit.preprocess import IMAGE_SUFFIXES, ImageError, PreprocessSpec, load_prepared
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 HOLDOUT_FRACTION = 0.2
 
 

@@ -20,6 +20,9 @@ from dgkit.errors import DgkitError
 
 # Largest image we decode; beyond it PIL would allocate gigabytes (20000x20000 RGB is 1.2 GB).
 MAX_PIXELS = 80_000_000
+# The files every stage treats as images (training data, serve folders, demo examples).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
+                            ".tiff"})
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 

@@ -1,7 +1,8 @@
 """The run directory: the only thing that passes between distill, export, serve and demo.
 
 ```
-runs/<name>/run.json  student.safetensors  metrics.jsonl  summary.json  cache/  export/
+runs/<name>/run.json  student.json  student.safetensors  metrics.jsonl  summary.json  cache/
+            export/
 ```
 Torch-free, so every stage (and the edge runtime) can read it.
 """
@@ -16,42 +17,66 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dgkit.atomic import write_json, write_text
+from dgkit.atomic import write_text
 from dgkit.errors import DgkitError
+from dgkit.records import RunConfig, StudentSpec, Summary, ValidationReport
 
-RUN_FORMAT = 1
 DEFAULT_RUNS = Path("runs")
 LATEST = "latest"
 
 
 class RunDir:
+    """A run directory; its JSON files are read and written through `dgkit.records`."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     run_json = property(lambda self: self.path / "run.json")
     student = property(lambda self: self.path / "student.safetensors")
+    student_json = property(lambda self: self.path / "student.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
-    summary = property(lambda self: self.path / "summary.json")
+    summary_json = property(lambda self: self.path / "summary.json")
     checkpoint = property(lambda self: self.path / "checkpoint.pt")
     cache = property(lambda self: self.path / "cache")
     export = property(lambda self: self.path / "export")
+    report_json = property(lambda self: self.path / "export" / "report.json")
     tensorboard = property(lambda self: self.path / "tensorboard")
 
-    def config(self) -> dict[str, Any]:
+    def config(self) -> RunConfig:
         if not self.run_json.is_file():
             raise DgkitError(f"{self.path} is not a dgkit run (no run.json); train one with "
                              "dgkit distill")
-        try:
-            config = json.loads(self.run_json.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise DgkitError(f"{self.run_json} is not valid JSON ({exc})") from exc
-        if config.get("format") != RUN_FORMAT:
-            raise DgkitError(f"{self.path} was written by another dgkit version (run format "
-                             f"{config.get('format')}, this dgkit reads {RUN_FORMAT})")
-        return config
+        return RunConfig.read(self.run_json)
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        write_json(self.run_json, {"format": RUN_FORMAT, **config})
+    def write_config(self, config: RunConfig) -> None:
+        config.write(self.run_json)
+
+    def student_spec(self) -> StudentSpec:
+        if self.student_json.is_file():
+            return StudentSpec.read(self.student_json)
+        # A run written before student.json: its run.json and weights say the same.
+        raw = json.loads(self.run_json.read_text(encoding="utf-8"))
+        if raw.get("format") != 1:
+            raise DgkitError(f"{self.path} is incomplete: it has no student.json")
+        try:
+            return StudentSpec.from_v1_run(raw, self.student)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DgkitError(f"{self.path} is a dgkit 0.1 run whose student cannot be "
+                             f"described from run.json and its weights ({exc})") from exc
+
+    def write_student_spec(self, spec: StudentSpec) -> None:
+        spec.write(self.student_json)
+
+    def summary(self) -> Summary | None:
+        """The run's summary.json, or None before the first evaluation."""
+        return Summary.read(self.summary_json) if self.summary_json.is_file() else None
+
+    def write_summary(self, summary: Summary) -> None:
+        summary.write(self.summary_json)
+
+    def report(self) -> ValidationReport | None:
+        """export/report.json, or None before the run is validated."""
+        return ValidationReport.read(self.report_json) if self.report_json.is_file() else None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.is_file():
@@ -69,7 +94,7 @@ class RunDir:
         rows = [r for r in self.read_metrics() if r["step"] <= step]
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
-    def require_trained(self) -> dict[str, Any]:
+    def require_trained(self) -> RunConfig:
         config = self.config()
         if not self.student.is_file():
             raise DgkitError(f"{self.path} is incomplete: it has no student.safetensors (was "

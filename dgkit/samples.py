@@ -469,34 +469,5 @@ def make(
     console.print(f"next: dgkit distill --data {root} --target sketch")
 
 
-def quickstart(
-    out: Annotated[Path, typer.Option(help="Folder for the data, the run and its export.")
-                   ] = Path("quickstart"),
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
-    # The defaults (None) mean dgkit.quickstart.Schedule's values, which the help repeats.
-    steps: Annotated[int | None, typer.Option(help="Training steps (default: 300).")] = None,
-    image_size: Annotated[int | None, typer.Option(
-        help="Student input size in pixels (default: 96).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step (default: 24).")
-                          ] = None,
-    per_class: Annotated[int | None, typer.Option(
-        help="Sample images per class and domain (default: 40).")] = None,
-    seed: Annotated[int, typer.Option(help="Seeds the data and the training.")] = 0,
-    teacher: Annotated[str | None, typer.Option(
-        help="CLIP teacher, MODEL:PRETRAINED or MODEL:/path/to/checkpoint (default: "
-             "ViT-B-32:openai if it loads, else a method that needs no teacher).")] = None,
-    threads: Annotated[int | None, typer.Option(
-        help="CPU threads for training (default: the cores other work leaves idle).")] = None,
-) -> None:
-    """Try dgkit in minutes on CPU: draw the sample data, distill a student with the sketch
-    domain held out, export FP32, FP16 and INT8, validate them on sketches and classify a few."""
-    from dgkit.quickstart import run_quickstart
-
-    run_quickstart(out, overwrite=overwrite, steps=steps, image_size=image_size,
-                   batch_size=batch_size, per_class=per_class, seed=seed, teacher=teacher,
-                   threads=threads)
-
-
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.add_typer(samples_app, name="samples")
-    app.command("quickstart")(quickstart)

@@ -18,12 +18,16 @@ import json
 import statistics
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from dgkit.distill import options as opt
 from dgkit.errors import DgkitError, require_extra
+from dgkit.train_config import train_default as DEFAULT
+
+if TYPE_CHECKING:
+    from dgkit.records import Summary
 
 EXAMPLES = """
 \b
@@ -45,27 +49,27 @@ def bench_dg(
     out: Annotated[Path | None, typer.Option(
         help="Benchmark folder; finished runs in it are reused (default: "
              "runs/bench-dg-<date>).")] = None,
-    student: opt.Student = "efficientnet_lite0",
-    student_weights: opt.StudentWeights = "imagenet",
+    student: opt.Student = DEFAULT("student"),
+    student_weights: opt.StudentWeights = DEFAULT("student_weights"),
     teacher: opt.Teacher = None,
-    teacher_mode: opt.TeacherMode = "cached",
+    teacher_mode: opt.TeacherMode = DEFAULT("teacher_mode"),
     templates: opt.Templates = None,
     class_names: opt.ClassNames = None,
-    steps: opt.Steps = 3000,
-    batch_size: opt.BatchSize = 96,
-    image_size: opt.ImageSize = 224,
-    lr: opt.Lr = 3e-4,
-    optimizer: opt.Optimizer = "adamw",
-    weight_decay: opt.WeightDecay = 1e-4,
-    schedule: opt.Schedule = "cosine",
+    steps: opt.Steps = DEFAULT("steps"),
+    batch_size: opt.BatchSize = DEFAULT("batch_size"),
+    image_size: opt.ImageSize = DEFAULT("image_size"),
+    lr: opt.Lr = DEFAULT("lr"),
+    optimizer: opt.Optimizer = DEFAULT("optimizer"),
+    weight_decay: opt.WeightDecay = DEFAULT("weight_decay"),
+    schedule: opt.Schedule = DEFAULT("schedule"),
     warmup_steps: opt.WarmupSteps = None,
     eval_every: opt.EvalEvery = None,
     checkpoint_every: opt.CheckpointEvery = None,
-    average: opt.Average = "none",
-    ema_decay: opt.EmaDecay = 0.999,
-    device: opt.Device = "auto",
-    precision: opt.Precision = "auto",
-    skip_bad: opt.SkipBad = False,
+    average: opt.Average = DEFAULT("average"),
+    ema_decay: opt.EmaDecay = DEFAULT("ema_decay"),
+    device: opt.Device = DEFAULT("device"),
+    precision: opt.Precision = DEFAULT("precision"),
+    skip_bad: opt.SkipBad = DEFAULT("skip_bad"),
     quiet: opt.Quiet = False,
 ) -> None:
     """Leave-one-domain-out benchmark of distillation methods over seeds (DomainBed table)."""
@@ -88,11 +92,11 @@ def bench_dg(
 
 def _options_by_method(methods: str, args: list[str]) -> dict[str, dict[str, str]]:
     """`--vl2v-align-steps 50` -> {'vl2v': {'align_steps': '50'}}."""
-    from dgkit.distill.commands import _method_options
+    from dgkit.distill.commands import method_options
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     out: dict[str, dict[str, str]] = {name: {} for name in names}
-    for key, value in _method_options(args).items():
+    for key, value in method_options(args).items():
         name = next((n for n in names if key.startswith(f"{n}_")), None)
         if name is None:
             raise DgkitError(f"--{key.replace('_', '-')} names none of --methods "
@@ -106,7 +110,7 @@ def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
     from dgkit.atomic import write_json, write_text
     from dgkit.data import discover
     from dgkit.distill import distributed
-    from dgkit.distill.commands import _read_templates
+    from dgkit.distill.commands import read_templates
     from dgkit.distill.methods import get_method
     from dgkit.progress import console
 
@@ -120,13 +124,12 @@ def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
     domains = discover(data).domains
     if len(domains) < 2:
         raise DgkitError(f"{data} has {len(domains)} domain(s); leave-one-domain-out needs 2+")
-    teacher = settings["teacher"]
-    if teacher and ":" in teacher:  # stored absolute, as dgkit distill does
-        model, _, pretrained = teacher.partition(":")
-        if Path(pretrained).expanduser().exists():
-            settings["teacher"] = f"{model}:{Path(pretrained).expanduser().resolve()}"
+    if settings["teacher"]:
+        from dgkit.teacher_spec import TeacherSpec
+
+        settings["teacher"] = TeacherSpec.resolve(settings["teacher"])
     if settings["templates"]:
-        settings["templates"] = _read_templates(settings["templates"])
+        settings["templates"] = read_templates(settings["templates"])
     if settings["class_names_file"]:
         settings["class_names_file"] = str(Path(settings["class_names_file"]).resolve())
     settings["data"] = str(data.expanduser().resolve())
@@ -146,9 +149,9 @@ def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
                 if not summary:  # torchrun ranks other than 0
                     continue
                 accuracy.setdefault(name, {}).setdefault(seed, {})[domain] = (
-                    summary["target_accuracy"][domain])
+                    summary.target_accuracy[domain])
                 runs.setdefault(name, {}).setdefault(seed, {})[domain] = str(path)
-                plumbing = plumbing or bool(summary.get("plumbing_check"))
+                plumbing = plumbing or summary.plumbing_check
     if not distributed.is_main():
         return
     result = {"data": settings["data"], "domains": domains, "methods": names,
@@ -163,28 +166,28 @@ def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
     console.print(f"wrote {out / 'dg_table.md'} and {out / 'dg_table.json'}")
 
 
-def run_one(config: dict[str, Any], path: Path, root: Path, quiet: bool) -> dict[str, Any]:
+def run_one(config: dict[str, Any], path: Path, root: Path, quiet: bool) -> Summary | None:
     """Train one run, resume it from its checkpoint, or reuse it when it has finished."""
+    from dgkit import api
     from dgkit.distill import distributed
-    from dgkit.distill.commands import _train_one
-    from dgkit.distill.trainer import TrainConfig, Trainer
+    from dgkit.distill.trainer import Trainer
     from dgkit.progress import console
     from dgkit.rundir import RunDir
+    from dgkit.train_config import TrainConfig
 
     say = console.print if distributed.is_main() else (lambda *args: None)
     config = TrainConfig(**config)
     run = RunDir(path)
     if run.run_json.is_file():
         _check_same(Trainer(config, run=None, quiet=True), run)
-        summary = _read_json(run.summary)
-        if summary.get("finished"):
+        summary = run.summary()
+        if summary is not None and summary.finished:
             say(f"reusing finished run {path}")
             return summary
         if run.checkpoint.is_file():
             say(f"resuming {path}")
-            return Trainer(TrainConfig(**run.config()["config"]), run, quiet=quiet).train(
-                resume=True)
-    return _train_one(config, path, overwrite=True, quiet=quiet, runs_root=root)
+            return api.resume(path, quiet=quiet)
+    return api.train(config, path, overwrite=True, quiet=quiet, runs_root=root)
 
 
 def _check_same(trainer, run) -> None:
@@ -196,18 +199,11 @@ def _check_same(trainer, run) -> None:
     wanted = dataclasses.asdict(trainer.config)
     wanted["hparams"] = hparams_dict(trainer.hparams)
     wanted = json.loads(json.dumps(wanted))
-    stored = run.config().get("config", {})
+    stored = json.loads(json.dumps(dataclasses.asdict(run.config().train)))
     differ = sorted(k for k in set(wanted) | set(stored) if wanted.get(k) != stored.get(k))
     if differ:
         raise DgkitError(f"{run.path} holds a run made with other settings ({', '.join(differ)}"
                          "); pass another --out or delete that run directory")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def _stats(values: list[float]) -> dict[str, Any]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dgkit.distill import options as opt
 from dgkit.errors import DgkitError, require_extra
+from dgkit.train_config import train_default as DEFAULT
+
+if TYPE_CHECKING:
+    from dgkit.records import Summary
 
 EXAMPLES = """
 \b
@@ -26,7 +30,7 @@ Method options (see `dgkit methods`) follow as --name value, e.g. --kd-weight 0.
 data_app = typer.Typer(help="Inspect a domain dataset.", no_args_is_help=True)
 
 
-def _method_options(args: list[str]) -> dict[str, str]:
+def method_options(args: list[str]) -> dict[str, str]:
     """`--kd-weight 0.5 --temperature=4` -> {'kd_weight': '0.5', 'temperature': '4'}."""
     out, i = {}, 0
     while i < len(args):
@@ -49,11 +53,11 @@ def distill(
     data: opt.Data = None,
     target: Annotated[list[str] | None, typer.Option(
         help="Domain to hold out (repeatable), or 'all' for leave-one-domain-out.")] = None,
-    method: Annotated[str, typer.Option(help="erm, kd, ... (see dgkit methods).")] = "erm",
-    student: opt.Student = "efficientnet_lite0",
-    student_weights: opt.StudentWeights = "imagenet",
+    method: opt.Method = DEFAULT("method"),
+    student: opt.Student = DEFAULT("student"),
+    student_weights: opt.StudentWeights = DEFAULT("student_weights"),
     teacher: opt.Teacher = None,
-    teacher_mode: opt.TeacherMode = "cached",
+    teacher_mode: opt.TeacherMode = DEFAULT("teacher_mode"),
     templates: opt.Templates = None,
     class_names: opt.ClassNames = None,
     out: Annotated[Path | None, typer.Option(
@@ -61,45 +65,44 @@ def distill(
     resume: Annotated[Path | None, typer.Option(
         help="Continue an interrupted run from its last checkpoint.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    steps: opt.Steps = 3000,
-    batch_size: opt.BatchSize = 96,
-    image_size: opt.ImageSize = 224,
-    lr: opt.Lr = 3e-4,
-    optimizer: opt.Optimizer = "adamw",
-    weight_decay: opt.WeightDecay = 1e-4,
-    schedule: opt.Schedule = "cosine",
+    steps: opt.Steps = DEFAULT("steps"),
+    batch_size: opt.BatchSize = DEFAULT("batch_size"),
+    image_size: opt.ImageSize = DEFAULT("image_size"),
+    lr: opt.Lr = DEFAULT("lr"),
+    optimizer: opt.Optimizer = DEFAULT("optimizer"),
+    weight_decay: opt.WeightDecay = DEFAULT("weight_decay"),
+    schedule: opt.Schedule = DEFAULT("schedule"),
     warmup_steps: opt.WarmupSteps = None,
     eval_every: opt.EvalEvery = None,
     checkpoint_every: opt.CheckpointEvery = None,
-    average: opt.Average = "none",
-    ema_decay: opt.EmaDecay = 0.999,
-    seed: Annotated[int, typer.Option(help="Seeds the split, sampling and augmentation.")] = 0,
-    device: opt.Device = "auto",
-    precision: opt.Precision = "auto",
-    compile: Annotated[bool, typer.Option(
-        help="torch.compile the student backbone (faster on GPU after a warm-up).")] = False,
-    skip_bad: opt.SkipBad = False,
+    average: opt.Average = DEFAULT("average"),
+    ema_decay: opt.EmaDecay = DEFAULT("ema_decay"),
+    seed: opt.Seed = DEFAULT("seed"),
+    device: opt.Device = DEFAULT("device"),
+    precision: opt.Precision = DEFAULT("precision"),
+    compile: opt.Compile = DEFAULT("compile"),
+    skip_bad: opt.SkipBad = DEFAULT("skip_bad"),
     quiet: opt.Quiet = False,
 ) -> None:
     """Distill a student from the CLIP teacher with a domain-generalization method."""
     require_extra("train", "torch")
     from dgkit.distill import distributed
-    from dgkit.distill.trainer import TrainConfig
+    from dgkit.teacher_spec import TeacherSpec
+    from dgkit.train_config import TrainConfig
 
     distributed.init()
-    extra = _method_options(ctx.args)
+    extra = method_options(ctx.args)
     if resume is not None:
-        _resume(resume, quiet)
+        from dgkit import api
+
+        _print_summary(api.resume(resume, quiet=quiet), resume)
         return
     if data is None:
         raise DgkitError("--data is required: the folder of <domain>/<class>/<image>")
     if not target:
         raise DgkitError("--target is required: the domain to hold out, or 'all'")
-    template_list = _read_templates(templates) if templates else None
-    if teacher and ":" in teacher:
-        model, _, pretrained = teacher.partition(":")
-        if Path(pretrained).expanduser().exists():  # stored absolute so --resume works anywhere
-            teacher = f"{model}:{Path(pretrained).expanduser().resolve()}"
+    template_list = read_templates(templates) if templates else None
+    teacher = TeacherSpec.resolve(teacher) if teacher else None
     base = dict(data=str(data.expanduser().resolve()), method=method, hparams=extra,
                 student=student, student_weights=student_weights, teacher=teacher,
                 teacher_mode=teacher_mode,
@@ -117,14 +120,16 @@ def distill(
         if target == ["all"]:
             _leave_one_domain_out(base, out, overwrite, quiet)
         else:
-            summary = _train_one(TrainConfig(targets=list(target), **base), out, overwrite,
-                                 quiet)
+            from dgkit import api
+
+            summary = api.train(TrainConfig(targets=list(target), **base), out,
+                                overwrite=overwrite, quiet=quiet)
             _print_summary(summary, out)
     finally:
         distributed.shutdown()
 
 
-def _read_templates(path: Path) -> list[str]:
+def read_templates(path: Path) -> list[str]:
     try:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except OSError as exc:
@@ -136,64 +141,23 @@ def _read_templates(path: Path) -> list[str]:
     return lines
 
 
-def _train_one(config, out: Path, overwrite: bool, quiet: bool,
-               runs_root: Path | None = None) -> dict:
-    from dgkit.distill import distributed
-    from dgkit.distill.trainer import Trainer
-    from dgkit.rundir import RunDir, new_run, update_latest
-
-    trainer = Trainer(config, run=None, quiet=quiet)
-    run_config = trainer.run_config()  # checks data, targets and names before touching disk
-    if distributed.world() == 1:
-        with new_run(out, overwrite) as run:
-            trainer.run = run
-            run.write_config(run_config)
-            update_latest(run, runs_root)
-            return trainer.train()
-    # Under torchrun rank 0 creates the run directory; the others learn whether it could.
-    error = None
-    if distributed.is_main():
-        try:
-            with new_run(out, overwrite) as run:
-                run.write_config(run_config)
-                update_latest(run, runs_root)
-        except DgkitError as exc:
-            error = str(exc)
-    error = distributed.broadcast_object(error)
-    if error:
-        raise DgkitError(error)
-    trainer.run = RunDir(out)
-    return trainer.train()
-
-
-def _resume(path: Path, quiet: bool) -> None:
-    from dgkit.distill.trainer import TrainConfig, Trainer
-    from dgkit.rundir import RunDir
-
-    run = RunDir(path)
-    if not path.exists():
-        raise DgkitError(f"--resume {path} does not exist")
-    config = TrainConfig(**run.config()["config"])
-    summary = Trainer(config, run, quiet=quiet).train(resume=True)
-    _print_summary(summary, path)
-
-
 def _leave_one_domain_out(base: dict, parent: Path, overwrite: bool, quiet: bool) -> None:
     from rich.table import Table
 
+    from dgkit import api
     from dgkit.atomic import write_json
     from dgkit.data import discover
-    from dgkit.distill.trainer import TrainConfig
     from dgkit.progress import console
+    from dgkit.train_config import TrainConfig
 
     domains = discover(base["data"]).domains
     results = {}
     for domain in domains:
         console.rule(f"target: {domain}")
-        summary = _train_one(TrainConfig(targets=[domain], **base), parent / domain, overwrite,
-                             quiet, runs_root=parent.parent)
-        if summary:  # empty on torchrun ranks other than 0
-            results[domain] = summary["target_accuracy_mean"]
+        summary = api.train(TrainConfig(targets=[domain], **base), parent / domain,
+                            overwrite=overwrite, quiet=quiet, runs_root=parent.parent)
+        if summary:  # None on torchrun ranks other than 0
+            results[domain] = summary.target_accuracy_mean
     if not results:
         return
     average = sum(results.values()) / len(results)
@@ -207,19 +171,19 @@ def _leave_one_domain_out(base: dict, parent: Path, overwrite: bool, quiet: bool
                                       "average": average})
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def _print_summary(summary: Summary | None, out: Path) -> None:
     from dgkit.progress import console
 
-    if not summary:  # a torchrun rank other than 0
+    if summary is None:  # a torchrun rank other than 0
         return
-    acc = summary.get("target_accuracy") or {}
+    acc = summary.target_accuracy or {}
     text = ", ".join(f"{d} {a:.1f}" for d, a in acc.items())
     console.print(f"[bold green]done[/]: {out}  target accuracy {text} at step "
-                  f"{summary.get('best_step')} (best source validation)")
-    if summary.get("teacher_zero_shot_accuracy"):
-        zs = ", ".join(f"{d} {a:.1f}" for d, a in summary["teacher_zero_shot_accuracy"].items())
+                  f"{summary.best_step} (best source validation)")
+    if summary.teacher_zero_shot_accuracy:
+        zs = ", ".join(f"{d} {a:.1f}" for d, a in summary.teacher_zero_shot_accuracy.items())
         console.print(f"teacher zero-shot: {zs}")
-    if summary.get("plumbing_check"):
+    if summary.plumbing_check:
         console.print("[yellow]plumbing check:[/] the teacher has no published weights (a "
                       "random or custom checkpoint), so these accuracies say nothing about "
                       "the method")

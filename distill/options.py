@@ -1,7 +1,7 @@
 """The training options `dgkit distill` and `dgkit bench dg` share: one help text for each.
 
-Each alias carries the option's type and help; the default stays at the parameter, where the
-two commands may differ. Imported at every CLI start, so only typer is imported here.
+Each alias carries the option's type and help; the defaults come from `TrainConfig`
+(`dgkit.train_config.train_default`). Imported at every CLI start, so only typer is imported.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from typing import Annotated
 
 import typer
 
+Method = Annotated[str, typer.Option(help="erm, kd, ... (see dgkit methods).")]
+Seed = Annotated[int, typer.Option(help="Seeds the split, sampling and augmentation.")]
+Compile = Annotated[bool, typer.Option(
+    help="torch.compile the student backbone (faster on GPU after a warm-up).")]
 Data = Annotated[Path | None, typer.Option(help="Root of <domain>/<class>/<image>.")]
 Student = Annotated[str, typer.Option(
     help="efficientnet_lite0, resnet18, resnet50, mobilenet_v3_large or timm:<name>.")]

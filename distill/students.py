@@ -1,7 +1,9 @@
 """Student networks, by name: a registry (as in timm) so adding one never touches the callers.
 
-A student is a backbone that returns pooled features, a head chosen by the method, and the
-backbone's own input normalisation inside the module, so the exported graph takes [0, 1] RGB.
+A student is a backbone that returns pooled features, a head (a method chooses its kind and
+initialises it), and the backbone's own input normalisation inside the module, so the exported
+graph takes [0, 1] RGB. `load_student` rebuilds a run's student from student.json and its
+weights alone: export and the demo need neither the trainer nor a method.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dgkit.distill.hub import hub_access
 from dgkit.errors import DgkitError
+from dgkit.records import StudentSpec
+from dgkit.rundir import RunDir
+from dgkit.teacher_spec import TEACHER_LOGIT_SCALE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,3 +166,61 @@ class Student(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+class ProjectedHead(nn.Module):
+    """RISE's head: z = fc(proj(f)), with fc the width of the teacher's embedding."""
+
+    def __init__(self, feature_dim: int, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, embed_dim)
+        self.fc = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.proj(features))
+
+
+class TextHead(nn.Module):
+    """The teacher's zero-shot classifier on a projection: 100 * norm(P f) . t^T, t a buffer of
+    the class text embeddings, so the exported student is one module (VL2V-ADiP)."""
+
+    def __init__(self, feature_dim: int, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, embed_dim)
+        self.register_buffer("text", torch.zeros(num_classes, embed_dim))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(features), dim=-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return TEACHER_LOGIT_SCALE * self.embed(features) @ self.text.t()
+
+
+def build_head(spec: StudentSpec) -> nn.Module:
+    """An uninitialised head of the spec's kind (linear, projected or text)."""
+    if spec.head == "linear":
+        return nn.Linear(spec.feature_dim, spec.num_classes)
+    if spec.embed_dim is None:
+        raise DgkitError(f"a {spec.head} head needs the embedding width (embed_dim)")
+    cls = ProjectedHead if spec.head == "projected" else TextHead
+    return cls(spec.feature_dim, spec.embed_dim, spec.num_classes)
+
+
+def load_student(run: RunDir) -> Student:
+    """A run's deployable student, in eval mode on the CPU, from student.json and the weights."""
+    from safetensors.torch import load_file
+
+    spec = run.student_spec()
+    try:
+        weights = load_file(str(run.student))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise DgkitError(f"{run.student} cannot be read ({exc})") from exc
+    backbone = build_backbone(spec.backbone, "none")
+    backbone = Backbone(backbone.module, backbone.feature_dim, spec.mean, spec.std)
+    student = Student(backbone, build_head(spec))
+    try:
+        student.load_state_dict(weights)
+    except RuntimeError as exc:  # missing or unexpected keys, other shapes
+        raise DgkitError(f"{run.student} does not fit the student described in "
+                         f"{run.student_json.name} ({str(exc).splitlines()[0]})") from exc
+    return student.float().eval()

@@ -8,9 +8,7 @@ registered first, so custom architectures (such as the tests' tiny CLIP) load th
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,52 +16,7 @@ import torch.nn.functional as F
 
 from dgkit.distill.hub import hub_access
 from dgkit.errors import DgkitError
-
-DEFAULT_TEACHER = "ViT-B-32:openai"
-# The prompt ensemble RISE's official code uses for the teacher's class text embeddings.
-RISE_TEMPLATES = [
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-]
-# z_t = TEACHER_LOGIT_SCALE * e_img . t^T, as the methods' official code computes teacher logits.
-TEACHER_LOGIT_SCALE = 100.0
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    model: str
-    pretrained: str
-
-    @classmethod
-    def parse(cls, text: str) -> TeacherSpec:
-        model, sep, pretrained = text.partition(":")
-        if not sep or not model or not pretrained:
-            raise DgkitError(f"--teacher '{text}' should be MODEL:PRETRAINED (e.g. "
-                             f"{DEFAULT_TEACHER}) or MODEL:/path/to/checkpoint")
-        return cls(model, pretrained)
-
-    @property
-    def is_path(self) -> bool:
-        p = self.pretrained
-        return "/" in p or "\\" in p or p.startswith(".") or Path(p).suffix in (
-            ".pt", ".pth", ".bin", ".safetensors")
-
-    def cache_id(self) -> str:
-        """Identifies the weights: the tag, or the checkpoint's size and a hash of its head."""
-        if not self.is_path:
-            return f"{self.model}-{self.pretrained}"
-        path = Path(self.pretrained)
-        with path.open("rb") as fh:
-            head = hashlib.sha1(fh.read(1 << 20)).hexdigest()[:12]
-        return f"{self.model}-{path.stat().st_size}-{head}"
-
-    def __str__(self) -> str:
-        return f"{self.model}:{self.pretrained}"
+from dgkit.teacher_spec import TeacherSpec
 
 
 class Teacher(torch.nn.Module):

@@ -16,7 +16,7 @@ import platform
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from rich.progress import TextColumn
 from safetensors.torch import save_file
 
 from dgkit import __version__
-from dgkit.atomic import atomic_path, write_json
+from dgkit.atomic import atomic_path
 from dgkit.data import (
     DomainData,
     check_targets,
@@ -37,76 +37,14 @@ from dgkit.data import (
 from dgkit.distill import distributed
 from dgkit.distill.augment import augment, to_device
 from dgkit.distill.methods import Batch, MethodContext, get_method, hparams_dict, parse_hparams
-from dgkit.distill.students import Student, build_backbone, check_student_name
-from dgkit.distill.teacher import DEFAULT_TEACHER, RISE_TEMPLATES, TEACHER_LOGIT_SCALE
+from dgkit.distill.students import Student, build_backbone, build_head, check_student_name
 from dgkit.errors import DgkitError
 from dgkit.preprocess import PreprocessSpec
 from dgkit.progress import console, make_progress
+from dgkit.records import RunConfig, StudentSpec, Summary
 from dgkit.rundir import RunDir
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a run; stored in run.json and read back by --resume."""
-
-    data: str
-    targets: list[str]
-    method: str = "erm"
-    hparams: dict[str, Any] = field(default_factory=dict)
-    student: str = "efficientnet_lite0"
-    student_weights: str = "imagenet"
-    teacher: str | None = None
-    teacher_mode: str = "cached"
-    templates: list[str] | None = None
-    class_names_file: str | None = None
-    seed: int = 0
-    steps: int = 3000
-    batch_size: int = 96
-    image_size: int = 224
-    lr: float = 3e-4
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup_steps: int | None = None
-    eval_every: int | None = None
-    checkpoint_every: int | None = None
-    average: str = "none"
-    ema_decay: float = 0.999
-    swa_start: float = 0.75
-    precision: str = "auto"
-    channels_last: bool = True
-    device: str = "auto"
-    skip_bad: bool = False
-    eval_batch_size: int = 256
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        for name, value, choices in [("--optimizer", self.optimizer, ("adamw", "sgd")),
-                                     ("--schedule", self.schedule, ("cosine", "step", "constant")),
-                                     ("--average", self.average, ("none", "ema", "swa")),
-                                     ("--teacher-mode", self.teacher_mode, ("cached", "online")),
-                                     ("--precision", self.precision, ("auto", "fp32", "bf16"))]:
-            if value not in choices:
-                raise DgkitError(f"{name} '{value}' is not one of: {', '.join(choices)}")
-        for name, value in [("--steps", self.steps), ("--batch-size", self.batch_size),
-                            ("--image-size", self.image_size)]:
-            if value < 1:
-                raise DgkitError(f"{name} must be at least 1, got {value}")
-        if self.lr <= 0:
-            raise DgkitError(f"--lr must be positive, got {self.lr}")
-
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else min(500, self.steps // 20)
-
-    @property
-    def eval_interval(self) -> int:
-        return self.eval_every or max(1, self.steps // 10)
-
-    @property
-    def checkpoint_interval(self) -> int:
-        return self.checkpoint_every or self.eval_interval
+from dgkit.teacher_spec import DEFAULT_TEACHER, RISE_TEMPLATES, TEACHER_LOGIT_SCALE
+from dgkit.train_config import TrainConfig
 
 
 def step_seed(seed: int, step: int, what: str) -> int:
@@ -293,18 +231,26 @@ class Trainer:
                         val_rows, target_rows, teacher,
                         None if teacher_rows is None else teacher_rows.to(self.device), text, bad)
 
-    def build(self, prep: Prepared) -> tuple[Student, Any]:
+    def build(self, prep: Prepared) -> tuple[Student, Any, StudentSpec]:
         cfg = self.config
+        torch.manual_seed(cfg.seed)
+        backbone = build_backbone(cfg.student, cfg.student_weights)
         ctx = MethodContext(
             num_classes=len(prep.data.classes), class_names=prep.prompt_names,
             source_domains=[prep.data.domains[d] for d in prep.source_ids],
             total_steps=cfg.steps,
             steps_per_epoch=max(1, math.ceil(len(prep.train_rows) / cfg.batch_size)),
-            num_images=len(prep.labels), text_embeddings=prep.text, teacher=prep.teacher)
-        torch.manual_seed(cfg.seed)
+            num_images=len(prep.labels), feature_dim=backbone.feature_dim,
+            text_embeddings=prep.text, teacher=prep.teacher)
         method = self.method_cls(self.hparams, ctx)
-        backbone = build_backbone(cfg.student, cfg.student_weights)
-        student = Student(backbone, method.build_head(backbone.feature_dim))
+        head = method.head_kind()
+        spec = StudentSpec(backbone=cfg.student, head=head, feature_dim=backbone.feature_dim,
+                           num_classes=len(prep.data.classes),
+                           embed_dim=None if head == "linear" else prep.text.shape[1],
+                           input_size=cfg.image_size, mean=tuple(backbone.mean),
+                           std=tuple(backbone.std))
+        student = Student(backbone, build_head(spec))
+        method.init_head(student.head)
         student, method = student.to(self.device), method.to(self.device)
         if cfg.channels_last:
             student = student.to(memory_format=torch.channels_last)
@@ -312,7 +258,7 @@ class Trainer:
             student.backbone.compile()  # in place: state_dict keys stay the same
             if prep.teacher is not None and cfg.teacher_mode == "online":
                 prep.teacher.model.visual.compile()
-        return student, method
+        return student, method, spec
 
     # ---------------------------------------------------------------- the loop
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -336,7 +282,9 @@ class Trainer:
 
     def setup(self, prep: Prepared) -> Session:
         """Student, method, optimiser, averager and sampler for a prepared run."""
-        student, method = self.build(prep)
+        student, method, spec = self.build(prep)
+        if distributed.is_main():
+            self.run.write_student_spec(spec)
         params = [p for p in [*student.parameters(), *method.parameters()] if p.requires_grad]
         train_rows = torch.from_numpy(prep.train_rows).to(self.device)
         sampler = DomainSampler(
@@ -387,12 +335,9 @@ class Trainer:
             s.averager.update_parameters(s.student)
         return terms
 
-    def train(self, resume: bool = False) -> dict[str, Any]:
+    def train(self, resume: bool = False) -> Summary | None:
         cfg, run = self.config, self.run
         s = self.setup(prep := self.prepare())
-        if distributed.is_main() and prep.text is not None:
-            # Heads as wide as the teacher's embedding can then be rebuilt without the teacher.
-            run.write_config({**run.config(), "teacher_embed_dim": prep.text.shape[1]})
         state = {"step": 0, "best": None}
         if resume and run.checkpoint.is_file():
             state = self._load_checkpoint(s)
@@ -450,7 +395,7 @@ class Trainer:
             if writer:
                 writer.close()
         if not main:
-            return {}
+            return None
         run.checkpoint.unlink(missing_ok=True)
         return self._write_summary(prep, state, finished=True)
 
@@ -492,7 +437,7 @@ class Trainer:
                           f"(best val at step {state['best']['step']})")
         self._write_summary(prep, state, finished=False)
 
-    def _write_summary(self, prep: Prepared, state: dict, finished: bool) -> dict[str, Any]:
+    def _write_summary(self, prep: Prepared, state: dict, finished: bool) -> Summary:
         best = state["best"] or {}
         teacher = None
         if prep.teacher_rows is not None:
@@ -500,22 +445,20 @@ class Trainer:
             teacher = {prep.data.domains[d]: round(100.0 * hits[prep.domains == d].float()
                                                    .mean().item(), 2)
                        for d in range(len(prep.data.domains))}
-        summary = {
-            "finished": finished,
-            "target_domains": [prep.data.domains[d] for d in prep.target_ids],
-            "selection": "target accuracy at the step with the best mean source-validation "
-                         "accuracy (training-domain validation)",
-            "best_step": best.get("step"),
-            "target_accuracy": best.get("target"),
-            "target_accuracy_mean": best.get("target_mean"),
-            "source_val_accuracy": best.get("source_val"),
-            "source_val_accuracy_mean": best.get("source_val_mean"),
-            "teacher": self.config.teacher if prep.teacher is not None else None,
-            "teacher_zero_shot_accuracy": teacher,
-            "plumbing_check": self._plumbing_check(prep),
-            "skipped_images": len(prep.bad),
-        }
-        write_json(self.run.summary, summary)
+        summary = Summary(
+            finished=finished,
+            target_domains=[prep.data.domains[d] for d in prep.target_ids],
+            best_step=best.get("step"),
+            target_accuracy=best.get("target"),
+            target_accuracy_mean=best.get("target_mean"),
+            source_val_accuracy=best.get("source_val"),
+            source_val_accuracy_mean=best.get("source_val_mean"),
+            teacher=self.config.teacher if prep.teacher is not None else None,
+            teacher_zero_shot_accuracy=teacher,
+            plumbing_check=self._plumbing_check(prep),
+            skipped_images=len(prep.bad),
+        )
+        self.run.write_summary(summary)
         return summary
 
     def _plumbing_check(self, prep: Prepared) -> bool:
@@ -558,33 +501,26 @@ class Trainer:
         return SummaryWriter(str(self.run.tensorboard), purge_step=start_step or None)
 
     # ---------------------------------------------------------------- run.json
-    def run_config(self, prep_names: list[str] | None = None) -> dict[str, Any]:
-        cfg = dataclasses.asdict(self.config)
-        cfg["hparams"] = hparams_dict(self.hparams)
-        data = discover(self.config.data)
-        check_targets(data, self.config.targets)
-        check_student_name(self.config.student)
-        return {
-            "dgkit_version": __version__,
-            "config": cfg,
-            "data_root": str(data.root.resolve()),
-            "domains": data.domains,
-            "target_domains": self.config.targets,
-            "source_domains": [d for d in data.domains if d not in self.config.targets],
-            "classes": data.classes,
-            "prompt_names": prep_names or prompt_names(data.classes, self.config.class_names_file),
-            "student": self.config.student,
-            "method": self.config.method,
-            "teacher": self.config.teacher,
-            "seed": self.config.seed,
-            "image_size": self.config.image_size,
-            "preprocess": PreprocessSpec(self.config.image_size, self.config.image_size)
-            .to_dict(),
-            "versions": {"dgkit": __version__, "python": platform.python_version(),
-                         "torch": torch.__version__, "numpy": np.__version__,
-                         **_installed_versions("torchvision", "timm", "open_clip_torch")},
-            "host": {"device": str(self.device), "cpus": os.cpu_count()},
-        }
+    def run_config(self) -> RunConfig:
+        """run.json; checks the data, the targets and the student's name before any work."""
+        cfg = dataclasses.replace(self.config, hparams=hparams_dict(self.hparams))
+        data = discover(cfg.data)
+        check_targets(data, cfg.targets)
+        check_student_name(cfg.student)
+        return RunConfig(
+            train=cfg,
+            data_root=str(data.root.resolve()),
+            domains=data.domains,
+            source_domains=[d for d in data.domains if d not in cfg.targets],
+            classes=data.classes,
+            prompt_names=prompt_names(data.classes, cfg.class_names_file),
+            preprocess=PreprocessSpec(cfg.image_size, cfg.image_size),
+            dgkit_version=__version__,
+            versions={"dgkit": __version__, "python": platform.python_version(),
+                      "torch": torch.__version__, "numpy": np.__version__,
+                      **_installed_versions("torchvision", "timm", "open_clip_torch")},
+            host={"device": str(self.device), "cpus": os.cpu_count()},
+        )
 
 
 def _installed_versions(*packages: str) -> dict[str, str | None]:
@@ -602,21 +538,3 @@ def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict of a Student, unwrapping an AveragedModel."""
     module = getattr(model, "module", model)
     return {k: v for k, v in module.state_dict().items() if k != "n_averaged"}
-
-
-def rebuild_student(config: dict[str, Any], weights: dict[str, torch.Tensor]) -> Student:
-    """The trained student of a run, from run.json and student.safetensors (for export)."""
-    cfg = TrainConfig(**config["config"])
-    method_cls = get_method(cfg.method)
-    width = config.get("teacher_embed_dim")
-    # A placeholder of the right shape: the trained values come with the weights.
-    text = torch.zeros(len(config["classes"]), width) if width else None
-    ctx = MethodContext(num_classes=len(config["classes"]), class_names=config["prompt_names"],
-                        source_domains=config["source_domains"], total_steps=cfg.steps,
-                        steps_per_epoch=1, num_images=0, text_embeddings=text)
-    method = method_cls(parse_hparams(method_cls, cfg.hparams), ctx)
-    backbone = build_backbone(cfg.student, "none")
-    student = Student(backbone, method.build_head(backbone.feature_dim))
-    student.load_state_dict(weights)
-    return student.eval()
-

@@ -7,11 +7,14 @@ onnx, onnxruntime) is imported inside the command bodies.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dgkit.errors import DgkitError
+
+if TYPE_CHECKING:
+    from dgkit.records import ValidationReport
 
 EXPORT_HELP = """Turn a run's student into deployable artifacts under RUN/export/ and validate them
 on the domain the student never saw.
@@ -59,10 +62,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("validate", help=VALIDATE_HELP)(validate)
 
 
-def _finish(report: dict | None) -> None:
-    if report is not None and not report["passed"]:
-        bad = [f"{r['file'] or r['key']}: {'; '.join(r['failures'])}"
-               for r in report["artifacts"] if r["failures"]]
+def _finish(report: ValidationReport | None) -> None:
+    if report is not None and not report.passed:
+        bad = [f"{r.name}: {'; '.join(r.failures)}" for r in report.artifacts if r.failures]
         typer.secho("validation failed: " + " | ".join(bad), fg="red", err=True)
         raise typer.Exit(1)
 

@@ -12,7 +12,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,7 +20,8 @@ from dgkit.atomic import write_atomic
 from dgkit.errors import DgkitError
 from dgkit.export.formats import OPSET
 from dgkit.model_meta import INPUT_NAME, OUTPUT_NAME, ModelMeta
-from dgkit.preprocess import PreprocessSpec, to_model_input
+from dgkit.preprocess import to_model_input
+from dgkit.records import RunConfig
 from dgkit.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -37,35 +38,17 @@ def run_id(run: RunDir) -> str:
     return f"{run.path.name}-{digest}"
 
 
-def model_meta(run: RunDir, config: dict[str, Any], precision: str) -> ModelMeta:
+def model_meta(run: RunDir, config: RunConfig, precision: str) -> ModelMeta:
     return ModelMeta(
-        classes=list(config["classes"]),
-        prompt_names=list(config.get("prompt_names") or config["classes"]),
-        preprocess=PreprocessSpec(**config["preprocess"]),
+        classes=list(config.classes),
+        prompt_names=list(config.prompt_names or config.classes),
+        preprocess=config.preprocess,
         precision=precision,
         run_id=run_id(run),
-        student=str(config["config"].get("student", "")),
-        method=str(config["config"].get("method", "")),
-        target_domains=tuple(config.get("target_domains", ())),
+        student=config.student,
+        method=config.method,
+        target_domains=tuple(config.target_domains),
     )
-
-
-def load_student(run: RunDir, config: dict[str, Any]) -> torch.nn.Module:
-    """The trained student of a run, in eval mode, on the CPU."""
-    from safetensors.torch import load_file
-
-    from dgkit.distill.trainer import rebuild_student
-
-    try:
-        weights = load_file(str(run.student))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise DgkitError(f"{run.student} cannot be read ({exc})") from exc
-    try:
-        return rebuild_student(config, weights).float().eval()
-    except RuntimeError as exc:  # load_state_dict: missing or unexpected keys
-        reason = str(exc).splitlines()[0]
-        raise DgkitError(f"{run.student} does not fit the student described in run.json "
-                         f"({reason})") from exc
 
 
 def unexportable_message(student: str, exc: BaseException) -> str:

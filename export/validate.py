@@ -14,17 +14,18 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dgkit.atomic import write_atomic, write_json, write_text
+from dgkit.atomic import write_atomic, write_text
 from dgkit.export.formats import TORCH_KEY, Format, format_of
 from dgkit.export.images import EvalSet
 from dgkit.preprocess import to_model_input
 from dgkit.progress import make_progress
+from dgkit.records import ArtifactResult, ValidationReport
 
 LATENCY_RUNS = 50
 WARMUP_RUNS = 5
@@ -45,24 +46,6 @@ class Candidate:
     run: Logits | None  # None: not runnable here (see `skipped`)
     skipped: str = ""
     meta: Any = None  # the file's ModelMeta
-
-
-@dataclass
-class Result:
-    key: str
-    file: str
-    precision: str
-    runtime: str
-    size_mb: float
-    accuracy: dict[str, float] = field(default_factory=dict)
-    target_accuracy: float | None = None
-    agreement: float | None = None  # % top-1 agreement with torch FP32, all images
-    agreement_by_set: dict[str, float] = field(default_factory=dict)  # the same, per set
-    latency_ms: float | None = None  # batch 1, median
-    throughput: float | None = None  # images/s at batch 32
-    drop: float | None = None  # torch FP32 target accuracy minus this one, in points
-    failures: list[str] = field(default_factory=list)
-    skipped: str = ""
 
 
 def torch_candidate(student: Any, size_bytes: int) -> Candidate:
@@ -161,7 +144,7 @@ def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
 
 
 def evaluate(candidates: Sequence[Candidate], sets: Sequence[EvalSet], max_drop: float,
-             latency_runs: int = LATENCY_RUNS) -> list[Result]:
+             latency_runs: int = LATENCY_RUNS) -> list[ArtifactResult]:
     """Run every candidate on every set; the first candidate keyed torch-fp32 is the reference."""
     labels = np.concatenate([s.labels for s in sets])
     bounds = np.cumsum([0] + [len(s.pixels) for s in sets])
@@ -170,8 +153,8 @@ def evaluate(candidates: Sequence[Candidate], sets: Sequence[EvalSet], max_drop:
     sample = sets[0].pixels
     with make_progress() as progress:
         for c in candidates:
-            r = Result(c.key, c.file, c.precision, c.runtime, round(c.size_bytes / 2**20, 3),
-                       skipped=c.skipped)
+            r = ArtifactResult(c.key, c.file, c.precision, c.runtime,
+                               round(c.size_bytes / 2**20, 3), skipped=c.skipped)
             results.append(r)
             if c.run is None:
                 continue
@@ -229,35 +212,31 @@ def _cell(value: Any, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _status(r: dict[str, Any]) -> str:
-    return "skipped" if r["skipped"] else ("FAIL" if r["failures"] else "ok")
-
-
-def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    names = report["sets"]
+def table_rows(report: ValidationReport) -> tuple[list[str], list[list[str]]]:
+    names = report.sets
     # Agreement per set: on the unseen domain it is usually lowest, and that is the gate's point.
     header = ["artifact", "precision", "runtime", "MB", *[f"acc {n}" for n in names],
               *[f"agree {n}" for n in names], "b1 ms", "b32 img/s", "status"]
-    rows = [[r["file"] or r["key"], r["precision"], r["runtime"], _cell(r["size_mb"]),
-             *[_cell(r["accuracy"].get(n)) for n in names],
-             *[_cell(r["agreement_by_set"].get(n)) for n in names],
-             _cell(r["latency_ms"]), _cell(r["throughput"], "{:.1f}"), _status(r)]
-            for r in report["artifacts"]]
+    rows = [[r.name, r.precision, r.runtime, _cell(r.size_mb),
+             *[_cell(r.accuracy.get(n)) for n in names],
+             *[_cell(r.agreement_by_set.get(n)) for n in names],
+             _cell(r.latency_ms), _cell(r.throughput, "{:.1f}"), r.status]
+            for r in report.artifacts]
     return header, rows
 
 
-def notes(report: dict[str, Any]) -> list[str]:
+def notes(report: ValidationReport) -> list[str]:
     """One line per failed or skipped artifact."""
-    return [f"{r['file'] or r['key']}: {'; '.join(r['failures']) or r['skipped']}"
-            for r in report["artifacts"] if r["failures"] or r["skipped"]]
+    return [f"{r.name}: {'; '.join(r.failures) or r.skipped}"
+            for r in report.artifacts if r.failures or r.skipped]
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: ValidationReport) -> str:
     header, rows = table_rows(report)
-    lines = [f"# dgkit validation: {report['model']}", "",
-             f"Device: {report['device']}. Targets: {', '.join(report['targets'])}. "
-             f"Images: " + ", ".join(f"{k} {v}" for k, v in report["images"].items()) + ".",
-             f"Pass: {'yes' if report['passed'] else 'no'} (max drop {report['max_drop']:g} "
+    lines = [f"# dgkit validation: {report.model}", "",
+             f"Device: {report.device}. Targets: {', '.join(report.targets)}. "
+             f"Images: " + ", ".join(f"{k} {v}" for k, v in report.images.items()) + ".",
+             f"Pass: {'yes' if report.passed else 'no'} (max drop {report.max_drop:g} "
              "points of target accuracy below torch FP32). Accuracy and agreement in %; "
              "agreement is top-1 agreement with torch FP32 on each set's images.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -266,21 +245,21 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict[str, Any], path: Path) -> None:
+def chart(report: ValidationReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["artifacts"] if r["target_accuracy"] is not None]
-    names = [r["file"] or r["key"] for r in rows]
+    rows = [r for r in report.artifacts if r.target_accuracy is not None]
+    names = [r.name for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 2.2))
-    left.barh(names, [r["target_accuracy"] for r in rows], color="#4878a8")
+    left.barh(names, [r.target_accuracy for r in rows], color="#4878a8")
     left.set_xlabel("target accuracy (%)")
-    left.set_title(f"Target: {', '.join(report['targets'])}")
-    right.barh(names, [r["latency_ms"] or 0 for r in rows], color="#d08040")
+    left.set_title(f"Target: {', '.join(report.targets)}")
+    right.barh(names, [r.latency_ms or 0 for r in rows], color="#d08040")
     right.set_xlabel("batch-1 latency (ms)")
-    right.set_title(report["device"][:60], fontsize=9)
+    right.set_title(report.device[:60], fontsize=9)
     right.set_yticks([])
     for ax in (left, right):
         ax.invert_yaxis()
@@ -289,35 +268,30 @@ def chart(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(model: str, results: Sequence[Result], sets: Sequence[EvalSet],
-                 max_drop: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "model": model,
-        "device": device_name(),
-        "targets": [s.name for s in sets if s.is_target],
-        "sets": [s.name for s in sets],
-        "images": {s.name: int(len(s.pixels)) for s in sets},
-        "max_drop": max_drop,
-        "passed": not any(r.failures for r in results),
-        "artifacts": [asdict(r) for r in results],
-        **(extra or {}),
-    }
+def build_report(model: str, results: Sequence[ArtifactResult], sets: Sequence[EvalSet],
+                 max_drop: float, export: dict[str, Any] | None = None,
+                 validate_seconds: float | None = None) -> ValidationReport:
+    return ValidationReport(
+        model=model, device=device_name(), targets=[s.name for s in sets if s.is_target],
+        sets=[s.name for s in sets], images={s.name: int(len(s.pixels)) for s in sets},
+        max_drop=max_drop, passed=not any(r.failures for r in results),
+        artifacts=list(results), export=export, validate_seconds=validate_seconds)
 
 
-def write_report(report: dict[str, Any], folder: Path, stem: str = "report") -> list[Path]:
+def write_report(report: ValidationReport, folder: Path, stem: str = "report") -> list[Path]:
     paths = [folder / f"{stem}.json", folder / f"{stem}.md", folder / f"{stem}.png"]
-    write_json(paths[0], report)
+    report.write(paths[0])
     write_text(paths[1], markdown(report))
     chart(report, paths[2])
     return paths
 
 
-def print_table(report: dict[str, Any]) -> None:
+def print_table(report: ValidationReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
     header, rows = table_rows(report)
-    table = Table(title=f"Validation of {report['model']} ({report['device']})")
+    table = Table(title=f"Validation of {report.model} ({report.device})")
     for name in header:
         table.add_column(name, justify="left" if name == "artifact" else "right")
     colour = {"ok": None, "skipped": "yellow", "FAIL": "red"}

@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 BACKEND_HELP = "auto | tensorrt | ort-trt | ort-cuda | ort-cpu"
 FORMATS = ("table", "json", "csv")
-# Same list as dgkit.data.IMAGE_SUFFIXES; not imported, so that serve depends on no training code.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PROGRESS_MIN_FILES = 50  # below this a bar only flickers
 
 
@@ -38,6 +36,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
 def _collect(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """Files as given plus images under folders (recursive); missing paths as error lines."""
+    from dgkit.preprocess import IMAGE_SUFFIXES
+
     files: list[Path] = []
     missing: list[str] = []
     for path in paths:
@@ -95,7 +95,7 @@ def predict(
     import numpy as np
     from rich.markup import escape
 
-    from dgkit.preprocess import ImageError
+    from dgkit.preprocess import IMAGE_SUFFIXES, ImageError
     from dgkit.progress import console, make_progress
     from dgkit.serve.predictor import Predictor
 

@@ -1,7 +1,8 @@
 """The method interface: one small class per method, registered by name.
 
-A method may add modules (a projector, a logit scale) and a head for the deployable student, and
-turns (student outputs, teacher outputs, labels) into a dict of named loss terms. The trainer
+A method may add modules (a projector, a logit scale), chooses the kind of the deployable
+student's head and initialises it, and turns (student outputs, teacher outputs, labels) into a
+dict of named loss terms. The trainer
 sums the terms, logs each, and knows nothing else about methods.
 """
 
@@ -31,8 +32,8 @@ class MethodContext:
     total_steps: int
     steps_per_epoch: int  # steps that show the model about every training image once
     num_images: int  # Batch.indices are < num_images (per-sample state, e.g. PSD's table)
-    # [C, D] unit class text embeddings from the teacher, None for teacher-free methods and when
-    # a trained student is rebuilt for export (its weights then come from the run directory).
+    feature_dim: int  # width of the student backbone's pooled features
+    # [C, D] unit class text embeddings from the teacher; None for teacher-free methods.
     text_embeddings: torch.Tensor | None = None
     teacher: Any = None  # the Teacher, for methods that need more text embeddings (RISE anchors)
 
@@ -60,6 +61,7 @@ class Method(nn.Module):
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
+    head: ClassVar[str] = "linear"  # linear, projected or text
     # Prompt templates this method's authors used; None means the run's ensemble (RISE's).
     templates: ClassVar[Sequence[str] | None] = None
 
@@ -77,9 +79,12 @@ class Method(nn.Module):
         """Steps the method needs regardless of --steps (e.g. VL2V's two stages), or None."""
         return None
 
-    def build_head(self, feature_dim: int) -> nn.Module:
-        """The deployable student's head; it is exported with the backbone."""
-        return nn.Linear(feature_dim, self.ctx.num_classes)
+    def head_kind(self) -> str:
+        """The kind of the deployable student's head (`dgkit.distill.students.build_head`)."""
+        return self.head
+
+    def init_head(self, head: nn.Module) -> None:
+        """Initialise the freshly built head (e.g. from the class text embeddings)."""
 
     def select(self, student: nn.Module, batch: Batch) -> Batch:
         """Which samples of the batch the update uses (all, unless the method selects)."""

@@ -73,7 +73,7 @@ class PSD(Method):
         base = None
         if hparams.base != "none":
             cls = get_method(hparams.base)
-            if cls.needs_teacher and ctx.teacher is None and ctx.num_images > 0:
+            if cls.needs_teacher and ctx.teacher is None:
                 raise DgkitError(f"--method psd --base {hparams.base} needs the CLIP teacher: "
                                  "pass --teacher (e.g. ViT-B-32:openai)")
             base = cls(cls.Hparams(), ctx)
@@ -91,10 +91,12 @@ class PSD(Method):
         base = get_method(hparams.base)
         return base.total_steps(base.Hparams())
 
-    def build_head(self, feature_dim: int) -> nn.Module:
+    def head_kind(self) -> str:
+        return self.head if self.base is None else self.base.head_kind()
+
+    def init_head(self, head: nn.Module) -> None:
         if self.base is not None:
-            return self.base.build_head(feature_dim)
-        return super().build_head(feature_dim)
+            self.base.init_head(head)
 
     def alpha_at(self, step: int) -> float:
         """a_t = a_T * (epoch + 1) / E."""

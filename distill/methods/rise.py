@@ -38,23 +38,6 @@ from dgkit.errors import DgkitError
 QUALITY_ANCHORS = ["bright photo", "corrupted photo", "dark photo", "good photo"]
 
 
-class RiseHead(nn.Module):
-    """z_s = fc(proj(f)); fc starts as the zero-shot text classifier."""
-
-    def __init__(self, feature_dim: int, text: torch.Tensor) -> None:
-        super().__init__()
-        self.proj = nn.Linear(feature_dim, text.shape[1])
-        self.fc = nn.Linear(text.shape[1], text.shape[0])
-        nn.init.normal_(self.proj.weight, mean=0.0, std=0.01)
-        nn.init.zeros_(self.proj.bias)
-        nn.init.zeros_(self.fc.bias)
-        with torch.no_grad():
-            self.fc.weight.copy_(text)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.proj(features))
-
-
 def anchor_phrases(anchors: str, source_domains: Sequence[str]) -> list[str]:
     if anchors == "domains":
         return list(source_domains)
@@ -69,6 +52,7 @@ class RISE(Method):
     summary = ("KD + CE + text-anchored absolute and relative distance losses; head initialised "
                "with the class text embeddings")
     needs_teacher = True
+    head = "projected"
     templates = None  # the RISE prompt ensemble, dgkit's default
 
     @dataclass
@@ -86,19 +70,20 @@ class RISE(Method):
 
     def __init__(self, hparams: Hparams, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
-        text = ctx.text_embeddings
-        self.register_buffer("text", None if text is None else text.detach().float().clone(),
+        self.register_buffer("text", ctx.text_embeddings.detach().float().clone(),
                              persistent=False)
-        anchors = None
-        if ctx.teacher is not None:
-            words = anchor_phrases(hparams.anchors, ctx.source_domains)
-            prompts = [f"a {w} of a {c}" for c in ctx.class_names for w in words]
-            anchors = ctx.teacher.encode_texts(prompts).float().view(
-                ctx.num_classes, len(words), -1)
+        words = anchor_phrases(hparams.anchors, ctx.source_domains)
+        prompts = [f"a {w} of a {c}" for c in ctx.class_names for w in words]
+        anchors = ctx.teacher.encode_texts(prompts).float().view(ctx.num_classes, len(words), -1)
         self.register_buffer("anchors", anchors, persistent=False)  # [C, J, D]
 
-    def build_head(self, feature_dim: int) -> nn.Module:
-        return RiseHead(feature_dim, self.text)
+    def init_head(self, head: nn.Module) -> None:
+        """fc starts as the zero-shot text classifier, proj ~ N(0, 0.01) with zero bias."""
+        nn.init.normal_(head.proj.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(head.proj.bias)
+        nn.init.zeros_(head.fc.bias)
+        with torch.no_grad():
+            head.fc.weight.copy_(self.text)
 
     def losses(self, student, features, logits, batch):
         hp, y = self.hp, batch.labels

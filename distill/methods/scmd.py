@@ -72,16 +72,11 @@ class SCMD(Method):
 
     def __init__(self, hparams: Hparams, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
-        text = ctx.text_embeddings
-        self.register_buffer("text", None if text is None else text.detach().float().clone(),
-                             persistent=False)
+        text = ctx.text_embeddings.detach().float().clone()
+        self.register_buffer("text", text, persistent=False)
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
-        self.projector: nn.Linear | None = None
-
-    def build_head(self, feature_dim: int) -> nn.Module:
-        width = 1 if self.text is None else self.text.shape[1]  # 1: rebuilt for export, unused
-        self.projector = nn.Linear(feature_dim, width, bias=False)
-        return nn.Linear(feature_dim, self.ctx.num_classes)
+        # Trained with the student but not part of it: the deployed head is the linear one.
+        self.projector = nn.Linear(ctx.feature_dim, text.shape[1], bias=False)
 
     def selecting(self, step: int) -> bool:
         return step <= int(self.hp.select_until * self.ctx.total_steps)

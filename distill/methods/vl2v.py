@@ -31,23 +31,7 @@ from torch import nn
 
 from dgkit.distill.methods.base import Method, register
 from dgkit.distill.methods.scmd import freeze_batchnorm
-from dgkit.distill.teacher import TEACHER_LOGIT_SCALE
 from dgkit.errors import DgkitError
-
-
-class TextHead(nn.Module):
-    """logits = 100 * norm(P f) . t^T, with t the teacher's unit class text embeddings."""
-
-    def __init__(self, feature_dim: int, text: torch.Tensor) -> None:
-        super().__init__()
-        self.proj = nn.Linear(feature_dim, text.shape[1])
-        self.register_buffer("text", text.detach().float().clone())
-
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(features), dim=-1)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return TEACHER_LOGIT_SCALE * self.embed(features) @ self.text.t()
 
 
 @register
@@ -56,6 +40,7 @@ class VL2V(Method):
     summary = ("two stages: align a projector to the teacher's image and text embeddings, then "
                "distill into the backbone; predicts with the teacher's text classifier")
     needs_teacher = True
+    head = "text"
     templates = ("a photo of a {}",)
 
     @dataclass
@@ -77,8 +62,9 @@ class VL2V(Method):
     def total_steps(cls, hparams: Hparams) -> int:
         return hparams.align_steps + hparams.distill_steps
 
-    def build_head(self, feature_dim: int) -> nn.Module:
-        return TextHead(feature_dim, self.ctx.text_embeddings)
+    def init_head(self, head: nn.Module) -> None:
+        with torch.no_grad():
+            head.text.copy_(self.ctx.text_embeddings)
 
     def stage(self, step: int) -> int:
         return 1 if step < self.hp.align_steps else 2

@@ -18,11 +18,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
 
 from dgkit.atomic import write_json
 from dgkit.errors import DgkitError, require_extra
 from dgkit.progress import console
+
+if TYPE_CHECKING:
+    from dgkit.records import Summary, ValidationReport
 
 TARGET = "sketch"
 TEACHER = "ViT-B-32:openai"
@@ -102,12 +107,12 @@ def idle_cores() -> int:
 
 
 def train(data: Path, run: Path, method: str, teacher: str | None, schedule: Schedule,
-          seed: int, threads: int) -> dict[str, Any]:
-    """Distill one student with TARGET held out; returns the run's summary.json."""
+          seed: int, threads: int) -> Summary:
+    """Distill one student with TARGET held out; returns the run's summary."""
     import torch
 
-    from dgkit.distill.commands import _train_one
-    from dgkit.distill.trainer import TrainConfig
+    from dgkit import api
+    from dgkit.train_config import TrainConfig
 
     torch.set_num_threads(threads)
     if not torch.cuda.is_available():
@@ -119,16 +124,15 @@ def train(data: Path, run: Path, method: str, teacher: str | None, schedule: Sch
         student="efficientnet_lite0", student_weights="imagenet", seed=seed,
         steps=schedule.steps, batch_size=schedule.batch_size, image_size=schedule.image_size,
         lr=schedule.lr, eval_every=max(1, schedule.steps // schedule.evaluations))
-    return _train_one(config, run, overwrite=True, quiet=False, runs_root=run.parent)
+    return api.train(config, run, overwrite=True, quiet=False, runs_root=run.parent)
 
 
-def export(run: Path, schedule: Schedule) -> dict[str, Any]:
+def export(run: Path, schedule: Schedule) -> ValidationReport:
     """FP32, FP16 and INT8 ONNX under RUN/export/, validated on the held-out domain; returns
     the validation report (report.json)."""
-    from dgkit.export.exporter import ExportOptions, export_run
-    from dgkit.rundir import RunDir
+    from dgkit import api
 
-    summary = export_run(RunDir(run), ExportOptions(
+    summary = api.export(run, api.ExportOptions(
         fp16=True, int8=True, calib_images=schedule.calib_images, validate=True))
     return summary["report"]
 
@@ -149,19 +153,19 @@ def classify_examples(model: Path, data: Path, count: int, seed: int) -> list[di
             for p, r in zip(paths, predictor.predict(paths, top_k=3), strict=True)]
 
 
-def _artifact_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+def _artifact_rows(report: ValidationReport) -> list[dict[str, Any]]:
     """The report's rows that ran, for the summary table and quickstart.json."""
-    source = [s for s in report["sets"] if s not in report["targets"]]
+    source = [s for s in report.sets if s not in report.targets]
     rows = []
-    for r in report["artifacts"]:
-        if r["target_accuracy"] is None:
+    for r in report.artifacts:
+        if r.target_accuracy is None:
             continue
-        rows.append({"artifact": r["file"] or "torch student", "precision": r["precision"],
-                     "size_mb": r["size_mb"], "target_accuracy": r["target_accuracy"],
-                     "source_val_accuracy": round(sum(r["accuracy"][s] for s in source)
+        rows.append({"artifact": r.file or "torch student", "precision": r.precision,
+                     "size_mb": r.size_mb, "target_accuracy": r.target_accuracy,
+                     "source_val_accuracy": round(sum(r.accuracy[s] for s in source)
                                                   / max(1, len(source)), 2),
-                     "target_agreement": r["agreement_by_set"].get(TARGET),
-                     "latency_ms": r["latency_ms"]})
+                     "target_agreement": r.agreement_by_set.get(TARGET),
+                     "latency_ms": r.latency_ms})
     return rows
 
 
@@ -274,13 +278,44 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
         "target": TARGET, "classes": list(CLASSES), "schedule": schedule.__dict__,
         "threads": threads,
         "data": str(data), "run": str(run), "int8_model": str(int8),
-        "best_step": summary.get("best_step"),
-        "teacher_zero_shot_accuracy": summary.get("teacher_zero_shot_accuracy"),
-        "plumbing_check": bool(summary.get("plumbing_check")),
-        "artifacts": _artifact_rows(report), "validation_passed": report["passed"],
+        "best_step": summary.best_step,
+        "teacher_zero_shot_accuracy": summary.teacher_zero_shot_accuracy,
+        "plumbing_check": summary.plumbing_check,
+        "artifacts": _artifact_rows(report), "validation_passed": report.passed,
         "examples": examples, "seconds": round(time.perf_counter() - started, 1),
         "seconds_by_stage": stages,
     }
     write_json(out / "quickstart.json", result)
     print_report(result)
     return result
+
+
+# ---------------------------------------------------------------- CLI
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Folder for the data, the run and its export.")
+                   ] = Path("quickstart"),
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    # The defaults (None) mean dgkit.quickstart.Schedule's values, which the help repeats.
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: 300).")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="Student input size in pixels (default: 96).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (default: 24).")
+                          ] = None,
+    per_class: Annotated[int | None, typer.Option(
+        help="Sample images per class and domain (default: 40).")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the data and the training.")] = 0,
+    teacher: Annotated[str | None, typer.Option(
+        help="CLIP teacher, MODEL:PRETRAINED or MODEL:/path/to/checkpoint (default: "
+             "ViT-B-32:openai if it loads, else a method that needs no teacher).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for training (default: the cores other work leaves idle).")] = None,
+) -> None:
+    """Try dgkit in minutes on CPU: draw the sample data, distill a student with the sketch
+    domain held out, export FP32, FP16 and INT8, validate them on sketches and classify a few."""
+    run_quickstart(out, overwrite=overwrite, steps=steps, image_size=image_size,
+                   batch_size=batch_size, per_class=per_class, seed=seed, teacher=teacher,
+                   threads=threads)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    app.command("quickstart")(quickstart)

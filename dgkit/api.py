@@ -1,0 +1,114 @@
+"""dgkit as a library: the stages as functions, the same ones the command line calls.
+
+```python
+from dgkit import api
+from dgkit.train_config import TrainConfig
+
+summary = api.train(TrainConfig(data="PACS", targets=["sketch"], method="erm"), "runs/erm")
+report = api.export("runs/erm", api.ExportOptions(int8=True))["report"]
+predictor = api.load_predictor("runs/erm/export/model.int8.onnx")
+print(predictor.predict(["photo.jpg"])[0].label)
+```
+Heavy libraries (torch, onnx, onnxruntime) are imported when a function runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dgkit.records import Summary, ValidationReport
+from dgkit.rundir import RunDir
+from dgkit.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from dgkit.distill.students import Student
+    from dgkit.export.exporter import ExportOptions
+    from dgkit.serve.predictor import Predictor
+
+__all__ = ["ExportOptions", "TrainConfig", "export", "load_predictor", "load_student", "resume",
+           "train", "validate"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ExportOptions":  # torch-free, but it lives with the exporter
+        from dgkit.export.exporter import ExportOptions
+
+        return ExportOptions
+    raise AttributeError(name)
+
+
+def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
+          quiet: bool = False, runs_root: Path | None = None) -> Summary | None:
+    """Distill one run into the new run directory `out` and point `runs_root/latest` (default:
+    out's parent) at it. Returns its summary (None on torchrun ranks other than 0)."""
+    from dgkit.distill import distributed
+    from dgkit.distill.trainer import Trainer
+    from dgkit.errors import DgkitError
+    from dgkit.rundir import new_run, update_latest
+
+    out = Path(out)
+    trainer = Trainer(config, run=None, quiet=quiet)
+    run_config = trainer.run_config()  # checks data, targets and names before touching disk
+    if distributed.world() == 1:
+        with new_run(out, overwrite) as run:
+            trainer.run = run
+            run.write_config(run_config)
+            update_latest(run, runs_root)
+            return trainer.train()
+    # Under torchrun rank 0 creates the run directory; the others learn whether it could.
+    error = None
+    if distributed.is_main():
+        try:
+            with new_run(out, overwrite) as run:
+                run.write_config(run_config)
+                update_latest(run, runs_root)
+        except DgkitError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise DgkitError(error)
+    trainer.run = RunDir(out)
+    return trainer.train()
+
+
+def resume(run: str | Path, *, quiet: bool = False) -> Summary | None:
+    """Continue an interrupted run from its last checkpoint, with the options it was made with."""
+    from dgkit.distill.trainer import Trainer
+    from dgkit.errors import DgkitError
+
+    path = Path(run)
+    if not path.exists():
+        raise DgkitError(f"--resume {path} does not exist")
+    run_dir = RunDir(path)
+    return Trainer(run_dir.config().train, run_dir, quiet=quiet).train(resume=True)
+
+
+def export(run: str | Path, options: ExportOptions | None = None) -> dict[str, Any]:
+    """Write the artifacts `options` asks for under RUN/export/ and validate them; the result's
+    "report" is the ValidationReport."""
+    from dgkit.export.exporter import ExportOptions, export_run
+
+    return export_run(RunDir(Path(run).resolve()), options or ExportOptions())
+
+
+def validate(run: str | Path, *, data: Path | None = None, max_images: int | None = None,
+             max_drop: float = 1.0, latency_runs: int = 50) -> ValidationReport:
+    """Validate every exported artifact of a run against its torch student."""
+    from dgkit.export.exporter import validate_run
+
+    return validate_run(RunDir(Path(run).resolve()), data, max_images, max_drop, latency_runs)
+
+
+def load_student(run: str | Path) -> Student:
+    """A run's trained student as a torch module (eval mode, CPU), without the trainer."""
+    from dgkit.distill.students import load_student as load
+
+    return load(RunDir(run))
+
+
+def load_predictor(model: str | Path, backend: str = "auto") -> Predictor:
+    """An exported model (.onnx or TensorRT .plan) ready to classify images; no torch."""
+    from dgkit.serve.predictor import Predictor
+
+    return Predictor(Path(model), backend=backend)
