@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from dgkit.export.formats import BY_KEY as FORMATS
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "PACS"
 WEIGHTS = {"efficientnet_lite0": "imagenet", "resnet18": "none"}
@@ -87,8 +89,8 @@ def latencies(run: Path, threads: int, runs: int, rounds: int) -> dict[str, dict
         with torch.inference_mode():
             return student(torch.from_numpy(batch))
 
-    files = {"ort-fp32": "model.onnx", "ort-int8": "model.int8.onnx",
-             "ort-int8-trt": "model.int8-trt.onnx"}
+    files = {f"ort-{FORMATS[k].precision}": FORMATS[k].filename
+             for k in ("onnx-fp32", "onnx-int8", "onnx-int8-trt")}
     out: dict[str, dict[str, float]] = {}
     for single in (False, True):  # --threads wall clock, then one thread's CPU time
         n = 1 if single else threads
@@ -124,9 +126,8 @@ def bench_student(student: str, args: argparse.Namespace, work: Path) -> dict[st
                                                     calib_images=args.calib_images,
                                                     calib_method=args.calib_method))
     export_s = time.perf_counter() - start
-    sizes = {k: (run / "export" / f).stat().st_size for k, f in
-             {"fp32": "model.onnx", "int8": "model.int8.onnx",
-              "int8-trt": "model.int8-trt.onnx"}.items()}
+    sizes = {FORMATS[k].precision: (run / "export" / FORMATS[k].filename).stat().st_size
+             for k in ("onnx-fp32", "onnx-int8", "onnx-int8-trt")}
     lat = latencies(run, args.threads, args.runs, args.rounds)
     ratio = {
         f"int8_vs_torch_{clock}": round(lat["ort-int8"][clock] / lat["torch-fp32"][clock], 3)
@@ -192,10 +193,10 @@ def main() -> None:
     rows = [bench_student(s, args, args.work) for s in args.students.split(",")]
     print_table(rows, args.threads)
     from dgkit.atomic import write_json
-    from dgkit.export.validate import device_name
+    from dgkit.provenance import provenance
 
-    write_json(args.out, {"device": device_name(), "threads": args.threads,
-                          "python": platform.python_version(), "results": rows})
+    write_json(args.out, {"threads": args.threads, "results": rows,
+                          "provenance": provenance()})
     print(f"wrote {args.out}")
 
 

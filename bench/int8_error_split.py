@@ -23,9 +23,11 @@ import numpy as np
 
 from dgkit.errors import DgkitError
 from dgkit.export.exporter import require_export, run_context
-from dgkit.export.quantize import QUANTIZED_SUFFIX, pre_process
+from dgkit.export.quantize import pre_process
+from dgkit.export.rounding import QUANTIZED_SUFFIX
 from dgkit.export.validate import Logits, file_candidate
 from dgkit.preprocess import to_model_input
+from dgkit.provenance import provenance
 from dgkit.rundir import RunDir
 
 BATCH = 64
@@ -154,7 +156,8 @@ def measure(args: argparse.Namespace) -> None:
         fp32_accuracy = {s.name: round(100 * float((reference[s.name] == s.labels).mean()), 2)
                          for s in sets}
         args.json.write_text(json.dumps({"run": str(args.run), "fp32_accuracy": fp32_accuracy,
-                                         "rows": rows}, indent=1) + "\n")
+                                         "rows": rows, "provenance": provenance()},
+                                        indent=1) + "\n")
 
 
 def main() -> None:

@@ -12,21 +12,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from dgkit.errors import DgkitError
+from dgkit.export.formats import help_table
 
 if TYPE_CHECKING:
     from dgkit.records import ValidationReport
 
-EXPORT_HELP = """Turn a run's student into deployable artifacts under RUN/export/ and validate them
+EXPORT_HELP = f"""Turn a run's student into deployable artifacts under RUN/export/ and validate them
 on the domain the student never saw.
 
 \b
 Artifacts (RUN/export/):
-  model.onnx          FP32, opset 17, dynamic batch, normalisation inside the graph
-  model.fp16.onnx     --fp16: FP16 compute, FP32 input and output
-  model.int8.onnx     --int8: QDQ, uint8 activations: for onnxruntime on CPUs
-  model.int8-trt.onnx --int8: QDQ, symmetric int8 activations: for TensorRT
-  model.<p>.plan      --trt: TensorRT engine (+ .plan.json sidecar) from the FP16/INT8 ONNX
-  report.json/.md/.png  the validation report
+{help_table()}
 
 \b
 Examples:

@@ -7,8 +7,10 @@ beside a good one.
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from dgkit.export import formats
 from dgkit.export.formats import CALIB_CACHE, TIMING_CACHE, Format
 from dgkit.export.quantize import DEFAULT_CALIB_METHOD
 from dgkit.progress import console
+from dgkit.records import RunConfig, ValidationReport
 from dgkit.rundir import RunDir
 
 
@@ -56,20 +59,104 @@ def require_export(run: RunDir, *names: str) -> None:
 def run_context(run: RunDir, data_root: Path | None, max_images: int | None):
     """The run's config, its validation sets (decoded once) and the data they came from."""
     from dgkit.export.images import eval_sets, load_data
-    from dgkit.preprocess import PreprocessSpec
 
     config = run.require_trained()
-    root = data_root or Path(config["data_root"])
-    data = load_data(root, [*config["target_domains"], *config["source_domains"]],
-                     config["classes"])
-    spec = PreprocessSpec(**config["preprocess"])
-    sets = eval_sets(data, config["classes"], config["target_domains"],
-                     config["source_domains"], int(config["config"]["seed"]), spec, max_images)
-    return config, data, spec, sets
+    root = data_root or Path(config.data_root)
+    data = load_data(root, [*config.target_domains, *config.source_domains], config.classes)
+    sets = eval_sets(data, config.classes, config.target_domains, config.source_domains,
+                     config.seed, config.preprocess, max_images)
+    return config, data, config.preprocess, sets
+
+
+@dataclass
+class _Export:
+    """What the format writers share: the run, its student, its images and what was written."""
+
+    run: RunDir
+    config: RunConfig
+    opts: ExportOptions
+    data: Any  # DomainData of the run's domains
+    student: Any  # the torch student
+    parity: Any  # uint8 images the FP32 export is checked on
+    written: dict[str, Path] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, fmt: Format) -> Path:
+        return self.run.export / fmt.filename
+
+    def wrote(self, fmt: Format, note: str = "") -> None:
+        self.written[fmt.key] = self.path(fmt)
+        console.print(f"wrote {self.path(fmt)}{note}")
+
+
+def _write_onnx(x: _Export, fmts: list[Format]) -> None:
+    """FP32 ONNX, renamed into place only when it matches torch on the parity images."""
+    import onnx
+
+    from dgkit.export import onnx_export as ox
+
+    (fmt,) = fmts
+    model = ox.to_onnx(x.student, ox.model_meta(x.run, x.config, fmt.precision), x.parity)
+    reference = ox.torch_logits(x.student, x.parity)
+    with atomic_path(x.path(fmt)) as tmp:
+        onnx.save_model(model, str(tmp))
+        diff = ox.check_parity(tmp, reference, x.parity)
+    x.wrote(fmt, f" (parity with torch on {len(x.parity)} images: max |logit diff| {diff:.1e}, "
+                 "same top-1)")
+
+
+def _write_fp16(x: _Export, fmts: list[Format]) -> None:
+    import onnx
+
+    from dgkit.export import onnx_export as ox
+
+    (fmt,) = fmts
+    model = onnx.load(str(x.written["onnx-fp32"]))
+    ox.save_onnx(ox.to_fp16(model, ox.model_meta(x.run, x.config, fmt.precision)), x.path(fmt))
+    x.wrote(fmt)
+
+
+def _write_int8(x: _Export, fmts: list[Format]) -> None:
+    """Every INT8 flavour from one calibration pass (`dgkit.export.quantize.FLAVOURS`)."""
+    from dgkit.export import onnx_export as ox
+    from dgkit.export.images import calibration_pixels
+    from dgkit.export.quantize import quantize
+
+    pixels, calib = calibration_pixels(x.data, x.config.source_domains, x.config.seed,
+                                       x.opts.calib_images, x.config.preprocess,
+                                       x.run.export / CALIB_CACHE)
+    metas = {f.precision: ox.model_meta(x.run, x.config, f.precision) for f in fmts}
+    models = quantize(x.written["onnx-fp32"], pixels, x.opts.calib_method, metas)
+    for fmt in fmts:
+        ox.save_onnx(models[fmt.precision], x.path(fmt))
+        x.wrote(fmt)
+    x.calibration = {**calib, "method": x.opts.calib_method}
+
+
+def _write_tensorrt(x: _Export, fmts: list[Format]) -> None:
+    import onnx
+
+    from dgkit.export import tensorrt
+
+    reason = tensorrt.unavailable()
+    if reason:
+        console.print(f"[yellow]--trt: no TensorRT engine built: {escape(reason)}")
+        return
+    for fmt in fmts:
+        source = x.written[fmt.source]
+        props = {p.key: p.value for p in onnx.load(str(source)).metadata_props}
+        tensorrt.build_engine(source, x.path(fmt), props, x.opts.max_batch,
+                              x.run.export / TIMING_CACHE, fmt.precision)
+        x.wrote(fmt)
+
+
+# Format.writer -> the function that writes those formats (one call for all of them).
+WRITERS: dict[str, Callable[[_Export, list[Format]], None]] = {
+    "onnx": _write_onnx, "fp16": _write_fp16, "int8": _write_int8, "tensorrt": _write_tensorrt}
 
 
 def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
-    """Write the artifacts `opts` asks for under RUN/export/, then validate them."""
+    """Write the artifacts `opts` asks for under RUN/export/, in table order, then validate."""
     from dgkit.export.images import MIN_CALIB_IMAGES
     from dgkit.export.quantize import CALIB_METHODS
 
@@ -83,94 +170,37 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
                          f"needs at least {MIN_CALIB_IMAGES} images")
     plan = formats.wanted(opts.fp16, opts.int8, opts.trt)
     for fmt in plan:
-        if fmt.extra != "trt":
+        if fmt.extra != "trt":  # a missing TensorRT is reported, the ONNX files still written
             for module in fmt.needs:
                 require_extra(fmt.extra, module)
     run.require_trained()
     _check_export_dir(run.export)
     import numpy as np
-    import onnx
 
+    from dgkit.distill.students import load_student
     from dgkit.export import onnx_export as ox
 
     started = time.perf_counter()
     # Without validation only the parity images are needed: 32 from each validation set.
     limit = opts.max_images if opts.validate else ox.PARITY_IMAGES // 2
-    config, data, spec, sets = run_context(run, opts.data, limit)
-
-    out = run.export
-    written: dict[str, Path] = {}
-    timing: dict[str, float] = {}
-    student = ox.load_student(run, config)
-
+    config, data, _, sets = run_context(run, opts.data, limit)
+    student = load_student(run)
     pixels = np.concatenate([s.pixels for s in sets])
-    parity = pixels[ox.parity_rows(len(pixels))]
-    t = time.perf_counter()
-    model = ox.to_onnx(student, ox.model_meta(run, config, "fp32"), parity)
-    reference = ox.torch_logits(student, parity)
-    fp32 = out / formats.BY_KEY["onnx-fp32"].filename
-    with atomic_path(fp32) as tmp:  # renamed into place only when the parity check passes
-        onnx.save_model(model, str(tmp))
-        diff = ox.check_parity(tmp, reference, parity)
-    written["onnx-fp32"] = fp32
-    timing["onnx"] = time.perf_counter() - t
-    console.print(f"wrote {fp32} (parity with torch on {len(parity)} images: max |logit diff| "
-                  f"{diff:.1e}, same top-1)")
-
-    if "onnx-fp16" in {f.key for f in plan}:  # asked for, or implied by --trt alone
+    x = _Export(run, config, opts, data, student, pixels[ox.parity_rows(len(pixels))])
+    timing: dict[str, float] = {}
+    for writer, group in itertools.groupby(plan, key=lambda f: f.writer):
         t = time.perf_counter()
-        path = out / formats.BY_KEY["onnx-fp16"].filename
-        ox.save_onnx(ox.to_fp16(model, ox.model_meta(run, config, "fp16")), path)
-        written["onnx-fp16"] = path
-        timing["fp16"] = time.perf_counter() - t
-        console.print(f"wrote {path}")
-
-    calib: dict[str, Any] = {}
-    if opts.int8:
-        from dgkit.export.images import calibration_pixels
-        from dgkit.export.quantize import quantize
-
-        t = time.perf_counter()
-        calib_px, calib = calibration_pixels(
-            data, config["source_domains"], int(config["config"]["seed"]), opts.calib_images,
-            spec, out / CALIB_CACHE)
-        metas = {k: ox.model_meta(run, config, k) for k in ("int8", "int8-trt")}
-        for flavour, qmodel in quantize(fp32, calib_px, opts.calib_method, metas).items():
-            path = out / formats.BY_KEY[f"onnx-{flavour}"].filename
-            ox.save_onnx(qmodel, path)
-            written[f"onnx-{flavour}"] = path
-            console.print(f"wrote {path}")
-        timing["int8"] = time.perf_counter() - t
-        calib = {**calib, "method": opts.calib_method}
-
-    if opts.trt:
-        from dgkit.export import tensorrt
-
-        reason = tensorrt.unavailable()
-        if reason:
-            console.print(f"[yellow]--trt: no TensorRT engine built: {escape(reason)}")
-        else:
-            t = time.perf_counter()
-            for fmt in plan:
-                if fmt.runtime != "tensorrt":
-                    continue
-                source = written["onnx-fp16" if fmt.key == "trt-fp16" else "onnx-int8-trt"]
-                path = out / fmt.filename
-                props = {p.key: p.value for p in onnx.load(str(source)).metadata_props}
-                tensorrt.build_engine(source, path, props, opts.max_batch, out / TIMING_CACHE,
-                                      fmt.precision)
-                written[fmt.key] = path
-                console.print(f"wrote {path}")
-            timing["tensorrt"] = time.perf_counter() - t
+        WRITERS[writer](x, list(group))
+        timing[writer] = time.perf_counter() - t
     timing["export_total"] = time.perf_counter() - started
 
-    summary: dict[str, Any] = {"artifacts": {k: str(p) for k, p in written.items()},
-                               "calibration": calib, "seconds": _rounded(timing)}
+    summary: dict[str, Any] = {"artifacts": {k: str(p) for k, p in x.written.items()},
+                               "calibration": x.calibration, "seconds": _rounded(timing)}
     if opts.validate:
         candidates = _candidates(run, student, [(formats.BY_KEY[k], p)
-                                                for k, p in written.items()])
-        summary["report"] = _validate(candidates, sets, opts.max_drop, opts.latency_runs, out,
-                                      run, {"export": summary})
+                                                for k, p in x.written.items()])
+        summary["report"] = _validate(candidates, sets, opts.max_drop, opts.latency_runs,
+                                      run.export, run, dict(summary))
     return summary
 
 
@@ -186,14 +216,15 @@ def _candidates(run: RunDir, student: Any, artifacts: list[tuple[Format, Path]])
 
 
 def _validate(candidates: list, sets: list, max_drop: float, latency_runs: int, folder: Path,
-              run: RunDir | None, extra: dict[str, Any], stem: str = "report") -> dict[str, Any]:
+              run: RunDir | None, export: dict[str, Any] | None = None,
+              stem: str = "report") -> ValidationReport:
     from dgkit.export.validate import build_report, evaluate, print_table, write_report
 
     t = time.perf_counter()
     results = evaluate(candidates, sets, max_drop, latency_runs)
     model = str(run.path) if run else candidates[0].file
-    report = build_report(model, results, sets, max_drop,
-                          {**extra, "validate_seconds": round(time.perf_counter() - t, 2)})
+    report = build_report(model, results, sets, max_drop, export,
+                          round(time.perf_counter() - t, 2))
     paths = write_report(report, folder, stem)
     print_table(report)
     console.print(f"wrote {', '.join(str(p) for p in paths)}")
@@ -201,24 +232,24 @@ def _validate(candidates: list, sets: list, max_drop: float, latency_runs: int, 
 
 
 def validate_run(run: RunDir, data: Path | None, max_images: int | None, max_drop: float,
-                 latency_runs: int = 50) -> dict[str, Any]:
+                 latency_runs: int = 50) -> ValidationReport:
     """`dgkit validate RUN`: torch FP32 and every artifact under RUN/export/."""
     require_extra("train", "torch")
-    config = run.require_trained()
+    run.require_trained()
     artifacts = formats.present(run.export)
     if not artifacts:
         raise DgkitError(f"{run.export} holds no exported model; run dgkit export {run.path} "
                          "first")
-    config, _, _, sets = run_context(run, data, max_images)
-    from dgkit.export import onnx_export as ox
+    _, _, _, sets = run_context(run, data, max_images)
+    from dgkit.distill.students import load_student
 
-    student = ox.load_student(run, config)
+    student = load_student(run)
     return _validate(_candidates(run, student, artifacts), sets, max_drop, latency_runs,
-                     run.export, run, {})
+                     run.export, run)
 
 
 def validate_model(path: Path, data: Path | None, domains: list[str], max_images: int | None,
-                   max_drop: float, latency_runs: int = 50) -> dict[str, Any]:
+                   max_drop: float, latency_runs: int = 50) -> ValidationReport:
     """`dgkit validate MODEL --data ROOT --domain D`: one exported model, no torch reference."""
     from dgkit.export.images import eval_sets, load_data
     from dgkit.export.validate import file_candidate
@@ -233,6 +264,6 @@ def validate_model(path: Path, data: Path | None, domains: list[str], max_images
     meta = candidate.meta
     loaded = load_data(data, domains, meta.classes)
     sets = eval_sets(loaded, meta.classes, domains, [], 0, meta.preprocess, max_images)
-    return _validate([candidate], sets, max_drop, latency_runs, path.parent, None, {},
+    return _validate([candidate], sets, max_drop, latency_runs, path.parent, None,
                      stem=f"{path.name}.report")
 

@@ -20,24 +20,26 @@ class Format:
     needs: tuple[str, ...]  # Python modules, checked before any work
     extra: str  # the dgkit extra that provides them
     runtime: str  # what runs it in validate
+    writer: str  # the exporter's function (WRITERS) that writes it; one call per group
     description: str
+    source: str = ""  # the format it is built from (a TensorRT engine's ONNX model)
 
 
 FORMATS: tuple[Format, ...] = (
     Format("onnx-fp32", "model.onnx", "fp32", "", ("torch", "onnx"), "train", "onnxruntime",
-           f"ONNX opset {OPSET}, dynamic batch, normalisation in the graph"),
+           "onnx", f"FP32, opset {OPSET}, dynamic batch"),
     Format("onnx-fp16", "model.fp16.onnx", "fp16", "--fp16", ("onnx", "onnxconverter_common"),
-           "train", "onnxruntime", "FP16 weights and compute, FP32 input and output"),
+           "train", "onnxruntime", "fp16", "FP16 compute, FP32 input and output"),
     Format("onnx-int8", "model.int8.onnx", "int8", "--int8", ("onnx", "onnxruntime"), "train",
-           "onnxruntime", "INT8 QDQ, uint8 activations, per-channel int8 weights: for "
-           "onnxruntime on CPUs"),
+           "onnxruntime", "int8", "QDQ, uint8 activations, for CPUs (onnxruntime)"),
     Format("onnx-int8-trt", "model.int8-trt.onnx", "int8-trt", "--int8", ("onnx", "onnxruntime"),
-           "train", "onnxruntime", "INT8 QDQ, symmetric int8 activations (zero point 0), "
-           "per-channel int8 weights: for TensorRT"),
+           "train", "onnxruntime", "int8", "QDQ, symmetric int8 activations, for TensorRT"),
     Format("trt-fp16", "model.fp16.plan", "fp16", "--trt", ("tensorrt",), "trt", "tensorrt",
-           "TensorRT engine built from model.fp16.onnx (strongly typed)"),
+           "tensorrt", "TensorRT engine from model.fp16.onnx",
+           source="onnx-fp16"),
     Format("trt-int8", "model.int8.plan", "int8", "--trt", ("tensorrt",), "trt", "tensorrt",
-           "TensorRT engine built from model.int8-trt.onnx (strongly typed)"),
+           "tensorrt", "TensorRT engine from model.int8-trt.onnx",
+           source="onnx-int8-trt"),
 )
 
 BY_KEY = {f.key: f for f in FORMATS}
@@ -67,3 +69,12 @@ def present(export_dir: Path) -> list[tuple[Format, Path]]:
 
 def format_of(path: Path) -> Format | None:
     return next((f for f in FORMATS if f.filename == path.name), None)
+
+
+def help_table() -> str:
+    """The artifacts as `dgkit export --help` lists them, from the table."""
+    report = "report.json/.md/.png"
+    width = max(len(name) for name in [report, *(f.filename for f in FORMATS)]) + 2
+    lines = [f"  {f.filename:<{width}}{f.option + ': ' if f.option else ''}{f.description}"
+             for f in FORMATS]
+    return "\n".join([*lines, f"  {report:<{width}}the validation report"])

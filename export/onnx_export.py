@@ -1,7 +1,7 @@
 """Torch student -> ONNX FP32 (opset 17, dynamic batch, normalisation in the graph) and FP16.
 
 Uses torch's TorchScript-based exporter (`dynamo=False`): it needs no onnxscript, exports these
-CNNs in about a second (the dynamo exporter takes 10-15 s on two cores) and names the aten
+CNNs in about a second (the dynamo exporter takes several times longer) and names the aten
 operator it cannot translate, which `unexportable_message` turns into one sentence.
 """
 

@@ -10,7 +10,6 @@ FP32, or an FP16 model agreeing with FP32 on fewer than 99.5 % of the images).
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from dgkit.export.formats import TORCH_KEY, Format, format_of
 from dgkit.export.images import EvalSet
 from dgkit.preprocess import to_model_input
 from dgkit.progress import make_progress
+from dgkit.provenance import cpu_name, provenance
 from dgkit.records import ArtifactResult, ValidationReport
 
 LATENCY_RUNS = 50
@@ -194,20 +194,6 @@ def evaluate(candidates: Sequence[Candidate], sets: Sequence[EvalSet], max_drop:
     return results
 
 
-def device_name() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from dgkit.serve.backends import physical_cores
-
-    return f"{name}, {physical_cores()} cores"
-
-
 def _cell(value: Any, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -272,10 +258,11 @@ def build_report(model: str, results: Sequence[ArtifactResult], sets: Sequence[E
                  max_drop: float, export: dict[str, Any] | None = None,
                  validate_seconds: float | None = None) -> ValidationReport:
     return ValidationReport(
-        model=model, device=device_name(), targets=[s.name for s in sets if s.is_target],
+        model=model, device=cpu_name(), targets=[s.name for s in sets if s.is_target],
         sets=[s.name for s in sets], images={s.name: int(len(s.pixels)) for s in sets},
         max_drop=max_drop, passed=not any(r.failures for r in results),
-        artifacts=list(results), export=export, validate_seconds=validate_seconds)
+        artifacts=list(results), export=export, validate_seconds=validate_seconds,
+        provenance=provenance())
 
 
 def write_report(report: ValidationReport, folder: Path, stem: str = "report") -> list[Path]:

@@ -24,6 +24,7 @@ import typer
 
 from dgkit.atomic import write_json
 from dgkit.errors import DgkitError, require_extra
+from dgkit.export.formats import BY_KEY
 from dgkit.progress import console
 
 if TYPE_CHECKING:
@@ -43,11 +44,8 @@ METHODS: list[tuple[str, str | None]] = [
 
 @dataclass
 class Schedule:
-    """Student efficientnet_lite0 with its ImageNet weights, fine-tuned on 3 source domains.
-
-    Measured offline (psd, no CLIP weights) on the 2-core development machine: the whole
-    quickstart in 2 min 56 s, sketch accuracy 96.7 % FP32 and 96.2 % INT8 (chance 16.7 %).
-    """
+    """Student efficientnet_lite0 with its ImageNet weights, fine-tuned on 3 source domains;
+    sized to finish in a few minutes on a 2-core CPU (README gives the measured time)."""
 
     per_class: int = 40  # sample images per class and domain: 6 x 4 x 40 = 960
     sample_size: int = 128  # pixels of the drawn images
@@ -269,7 +267,7 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
     report = export(run, schedule)
     lap("export")
     console.rule(f"4/4 classify held-out {TARGET}es")
-    int8 = run / "export" / "model.int8.onnx"
+    int8 = run / "export" / BY_KEY["onnx-int8"].filename
     examples = classify_examples(int8, data, schedule.examples, seed)
     lap("classify")
 
@@ -295,14 +293,15 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for the data, the run and its export.")
                    ] = Path("quickstart"),
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
-    # The defaults (None) mean dgkit.quickstart.Schedule's values, which the help repeats.
-    steps: Annotated[int | None, typer.Option(help="Training steps (default: 300).")] = None,
+    # None means Schedule's value, which the help names.
+    steps: Annotated[int | None, typer.Option(
+        help=f"Training steps (default: {Schedule.steps}).")] = None,
     image_size: Annotated[int | None, typer.Option(
-        help="Student input size in pixels (default: 96).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step (default: 24).")
-                          ] = None,
+        help=f"Student input size in pixels (default: {Schedule.image_size}).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help=f"Images per step (default: {Schedule.batch_size}).")] = None,
     per_class: Annotated[int | None, typer.Option(
-        help="Sample images per class and domain (default: 40).")] = None,
+        help=f"Sample images per class and domain (default: {Schedule.per_class}).")] = None,
     seed: Annotated[int, typer.Option(help="Seeds the data and the training.")] = 0,
     teacher: Annotated[str | None, typer.Option(
         help="CLIP teacher, MODEL:PRETRAINED or MODEL:/path/to/checkpoint (default: "
