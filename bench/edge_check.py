@@ -107,6 +107,9 @@ def main() -> None:
     print(f"{'validate':<10}{len(images):>8}{shown:>12}   (export/report.json)")
     print(f"torch installed: {torch_present}")
     if args.json_out:
+        from dgkit.provenance import provenance
+
+        result["provenance"] = provenance()
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 

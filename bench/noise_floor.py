@@ -23,6 +23,7 @@ from dgkit.errors import DgkitError
 from dgkit.export.exporter import require_export, run_context
 from dgkit.export.validate import Logits, file_candidate
 from dgkit.preprocess import to_model_input
+from dgkit.provenance import provenance
 from dgkit.rundir import RunDir
 
 BATCH = 64
@@ -78,7 +79,8 @@ def measure(args: argparse.Namespace) -> None:
         print("| " + " | ".join(str(v) for v in r.values()) + " |")
     if args.json:
         args.json.write_text(json.dumps({"run": str(args.run), "noise_grey_levels": args.noise,
-                                         "rows": rows}, indent=1) + "\n")
+                                         "rows": rows, "provenance": provenance()},
+                                        indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from dgkit.distill.trainer import TrainConfig, Trainer
+from dgkit.distill.trainer import Trainer
+from dgkit.provenance import provenance
 from dgkit.rundir import RunDir
+from dgkit.train_config import TrainConfig
 
 
 def random_teacher(folder: Path, model: str = "ViT-B-16") -> str:
@@ -168,7 +170,7 @@ def main() -> None:
         "cpus": os.cpu_count(), "torch": torch.__version__, "batch_size": args.batch_size,
         "image_size": args.image_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "data": str(args.data), "teacher": "open_clip ViT-B-16, random weights (speed only)",
-        "rows": rows,
+        "rows": rows, "provenance": provenance(),
     }
     print(f"\n{'student':>20} {'mode':>20} {'img/s':>10} {'x erm':>7} {'x plain':>8}")
     for row in rows:

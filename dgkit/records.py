@@ -291,6 +291,7 @@ class ValidationReport(Record):
     artifacts: list[ArtifactResult]
     export: dict[str, Any] | None = None  # what `dgkit export` wrote and how long it took
     validate_seconds: float | None = None
+    provenance: dict[str, Any] | None = None  # dgkit version, commit, command, machine
 
     @classmethod
     def build(cls, fields: dict[str, Any]) -> ValidationReport:

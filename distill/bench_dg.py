@@ -154,7 +154,10 @@ def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
                 plumbing = plumbing or summary.plumbing_check
     if not distributed.is_main():
         return
-    result = {"data": settings["data"], "domains": domains, "methods": names,
+    from dgkit.provenance import provenance
+
+    result = {"provenance": provenance(), "data": settings["data"], "domains": domains,
+              "methods": names,
               "seeds": list(range(seeds)),
               "selection": "training-domain validation (target accuracy at the step with the "
                            "best mean source-validation accuracy)",

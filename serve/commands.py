@@ -261,7 +261,9 @@ def bench_infer(
                       f"{http['errors']} errors); Predictor alone, one image at a time: "
                       f"{http['predictor_images_per_s']} img/s; ratio {http['ratio']}")
     if json_out is not None:
+        from dgkit.provenance import provenance
+
         write_json(json_out, {"model": str(model), "precision": precision, "host": host_info(),
                               "image": "synthetic 640x480 JPEG", "columns": list(COLUMNS),
-                              "results": rows, "http": http})
+                              "results": rows, "http": http, "provenance": provenance()})
         console.print(f"wrote {json_out}")
