@@ -7,6 +7,7 @@ tests work whether or not the main `dgkit` CLI exists yet.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import struct
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import typer
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
@@ -23,6 +25,14 @@ from dgkit.errors import DgkitError
 from dgkit.model_meta import ModelMeta
 from dgkit.preprocess import PreprocessSpec
 from dgkit.serve.bench import free_port  # noqa: F401  (the tests' one free-port helper)
+
+# The import names of the 'serve' extra (fastapi, uvicorn, python-multipart).
+SERVE_EXTRA = ("fastapi", "uvicorn", "multipart")
+SERVE_EXTRA_MISSING = [m for m in SERVE_EXTRA if importlib.util.find_spec(m) is None]
+needs_serve_extra = pytest.mark.skipif(
+    bool(SERVE_EXTRA_MISSING),
+    reason=f"needs the 'serve' extra ({', '.join(SERVE_EXTRA_MISSING)} not installed): "
+           "pip install 'dgkit[serve]'")
 
 CLASSES = ["bird", "cat", "dog", "fish", "horse"]
 SPEC = PreprocessSpec(input_size=32, resize_size=36)

@@ -41,7 +41,7 @@ def test_bench_dg_writes_the_table_and_reuses_runs(domains_copy, tiny_teacher, t
                 assert table["runs"][method][str(seed)][domain] == str(run)
                 summary = json.loads((run / "summary.json").read_text())
                 assert summary["finished"] is True
-                config = json.loads((run / "run.json").read_text())["config"]
+                config = json.loads((run / "run.json").read_text())["train"]
                 assert (config["method"], config["seed"], config["targets"]) == (
                     method, seed, [domain])
                 per_seed.setdefault(seed, {})[domain] = summary["target_accuracy"][domain]
@@ -105,23 +105,3 @@ def test_one_seed_shows_no_spread() -> None:
               "settings": {"student": "s", "student_weights": "none", "teacher": None,
                            "steps": 1, "batch_size": 1, "image_size": 32}}
     assert "| erm | 70.0 | 60.0 | 65.0 |" in markdown(result)
-
-
-def test_bench_dg_and_distill_share_the_training_defaults() -> None:
-    """The two commands repeat TrainConfig's defaults (their modules must not import torch at
-    start-up, where TrainConfig lives); this keeps the three copies equal."""
-    import dataclasses
-    import inspect
-
-    from dgkit.distill.bench_dg import bench_dg
-    from dgkit.distill.commands import distill
-    from dgkit.distill.trainer import TrainConfig
-
-    config = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-              if f.default is not dataclasses.MISSING}
-    commands = [{name: p.default for name, p in inspect.signature(c).parameters.items()}
-                for c in (distill, bench_dg)]
-    shared = config.keys() & commands[0].keys() & commands[1].keys()
-    assert {"steps", "batch_size", "image_size", "lr", "ema_decay", "student"} <= shared
-    for name in shared:
-        assert commands[0][name] == commands[1][name] == config[name], name

@@ -25,11 +25,11 @@ def test_erm_writes_the_run_directory(tiny_domains, tmp_path):
     _train(tiny_domains, tmp_path / "runs" / "erm", cwd=tmp_path)
     run = tmp_path / "runs" / "erm"
     config = json.loads((run / "run.json").read_text())
-    assert config["format"] == 1
+    assert config["format"] == 2
     assert config["classes"] == ["circle", "square", "triangle"]
-    assert config["target_domains"] == ["sketch"]
+    assert config["train"]["targets"] == ["sketch"]
     assert config["source_domains"] == ["cartoon", "photo"]
-    assert config["config"]["seed"] == 0 and config["versions"]["torch"]
+    assert config["train"]["seed"] == 0 and config["versions"]["torch"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]
     assert set(rows[0]["source_val"]) == {"cartoon", "photo"}
@@ -41,6 +41,8 @@ def test_erm_writes_the_run_directory(tiny_domains, tmp_path):
     assert summary["finished"] and summary["teacher_zero_shot_accuracy"] is None
     weights = load_file(str(run / "student.safetensors"))
     assert weights["head.weight"].shape == (3, 1280)
+    spec = json.loads((run / "student.json").read_text())
+    assert (spec["head"], spec["feature_dim"], spec["num_classes"]) == ("linear", 1280, 3)
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     assert not (run / "checkpoint.pt").exists()
     assert os.readlink(tmp_path / "runs" / "latest") == "erm"
@@ -55,7 +57,7 @@ def test_kd_with_a_random_teacher_is_labelled_a_plumbing_check(tiny_domains, tin
     assert summary["plumbing_check"] is True
     assert set(summary["teacher_zero_shot_accuracy"]) == {"cartoon", "photo", "sketch"}
     config = json.loads((tmp_path / "kd" / "run.json").read_text())
-    assert config["config"]["hparams"] == {"temperature": 4.0, "kd_weight": 1.0,
+    assert config["train"]["hparams"] == {"temperature": 4.0, "kd_weight": 1.0,
                                            "ce_weight": 1.0}
     cache = sorted(p.name for p in (tmp_path / "kd" / "cache").iterdir())
     assert [c.split("-")[0] for c in cache] == ["image", "text"]
@@ -115,19 +117,28 @@ def torch_equal(x, y) -> bool:
 
 
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_domains, tmp_path):
+    """Ctrl-C once the loop has printed its first evaluation: the run stops with a checkpoint
+    (the only one: --checkpoint-every is past the run) and says how to resume."""
+    tiny = [a for a in TINY if a != "--quiet"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "dgkit", "distill", "--data", str(tiny_domains), "--target",
-         "sketch", "--out", str(tmp_path / "run"), "--steps", "400", *TINY],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "run.json"
-    deadline = time.time() + 120
-    while not metrics.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(6)  # into the training loop
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err
-    assert "--resume" in err and (tmp_path / "run" / "checkpoint.pt").exists()
+         "sketch", "--out", str(tmp_path / "run"), "--steps", "400", "--eval-every", "2",
+         "--checkpoint-every", "1000", *tiny],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:  # waits for what the process prints, not for a time
+            seen.append(line)
+            if line.startswith("step 2:"):
+                break
+        assert not (tmp_path / "run" / "checkpoint.pt").exists(), "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, rest
+    assert "--resume" in rest and (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -203,7 +214,7 @@ def test_weight_averaging_changes_the_saved_student(tiny_domains, tmp_path):
         _train(tiny_domains, tmp_path / average, "--average", average, "--ema-decay", "0.5",
                "--eval-every", "6")
         weights[average] = load_file(str(tmp_path / average / "student.safetensors"))
-        config = json.loads((tmp_path / average / "run.json").read_text())["config"]
+        config = json.loads((tmp_path / average / "run.json").read_text())["train"]
         assert config["average"] == average
     head = {k: w["head.weight"] for k, w in weights.items()}
     assert not torch_equal(head["none"], head["ema"])

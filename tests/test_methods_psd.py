@@ -18,7 +18,7 @@ from dgkit.errors import DgkitError
 def context(teacher=None, num_images: int = 8) -> MethodContext:
     return MethodContext(num_classes=3, class_names=["a", "b", "c"], source_domains=["x", "y"],
                          total_steps=10, steps_per_epoch=3, num_images=num_images,
-                         teacher=teacher)
+                         feature_dim=4, teacher=teacher)
 
 
 def batch(labels, indices, step: int, teacher_logits=None) -> Batch:
@@ -114,9 +114,12 @@ def test_base_method_terms_are_added():
     assert PSD.total_steps(PSD.Hparams()) is None
     with pytest.raises(DgkitError, match="--teacher"):
         PSD(PSD.Hparams(base="kd"), context())
-    PSD(PSD.Hparams(base="rise"), context(num_images=0))  # rebuilt for export: no teacher
-    with pytest.raises(DgkitError):
+    with pytest.raises(DgkitError, match="--base rise needs the CLIP teacher"):
+        PSD(PSD.Hparams(base="rise"), context(num_images=0))
+    with pytest.raises(DgkitError, match="--base 'psd' is not one of: ") as info:
         PSD.Hparams(base="psd")
+    choices = str(info.value).split("one of: ")[1].split(", ")
+    assert {"none", "kd", "rise", "scmd", "vl2v"} <= set(choices) and "psd" not in choices
 
 
 def test_psd_resumes_exactly(tiny_domains, tmp_path, monkeypatch):

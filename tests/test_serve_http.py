@@ -7,17 +7,25 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serve_helpers import CLASSES, encode, free_port, huge_png, make_model, photo
+from serve_helpers import (
+    CLASSES,
+    encode,
+    free_port,
+    huge_png,
+    make_model,
+    needs_serve_extra,
+    photo,
+)
 
 from dgkit.serve import Predictor
 
-pytest.importorskip("fastapi", reason="needs the 'serve' extra (fastapi, uvicorn)")
-pytest.importorskip("uvicorn", reason="needs the 'serve' extra (fastapi, uvicorn)")
+pytestmark = needs_serve_extra
 httpx = pytest.importorskip("httpx", reason="needs httpx (the 'dev' extra)")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,34 +33,60 @@ HELPERS = Path(__file__).with_name("serve_helpers.py")
 MAIN_CLI = (ROOT / "dgkit" / "__main__.py").exists()
 
 
-def start(args: list[str], main_cli: bool = MAIN_CLI) -> tuple[subprocess.Popen, str]:
-    """`dgkit serve ...` (or the same command wired by the test helper) on a free port."""
-    port = free_port()
-    prefix = ["-m", "dgkit"] if main_cli else [str(HELPERS)]
-    proc = subprocess.Popen([sys.executable, *prefix, "serve", *args, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+class Server:
+    """`dgkit serve ...` (or the same command wired by the test helper) on a free port, its
+    output read on a thread: a full pipe would block the server, and the test waits for the
+    line uvicorn prints once its socket listens, not for a fixed time."""
+
+    def __init__(self, args: list[str], main_cli: bool = MAIN_CLI) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        prefix = ["-m", "dgkit"] if main_cli else [str(HELPERS)]
+        self.proc = subprocess.Popen(
+            [sys.executable, *prefix, "serve", *args, "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._ready = threading.Event()  # set by the listening line, or when output ends
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if f"running on {self.url}" in line:
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_listening(self, timeout: float = 60) -> str:
+        if not self._ready.wait(timeout):
+            self.proc.kill()
+            raise AssertionError(f"server printed no listening line in {timeout:g} s: "
+                                 f"{self.output}")
+        if self.proc.poll() is not None or f"running on {self.url}" not in self.output:
+            self.proc.kill()
+            self._reader.join(timeout=10)
+            raise AssertionError(f"server exited with {self.proc.wait()}: {self.output}")
+        return self.url
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not start within 30 s")
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self._reader.join(timeout=10)
+        return code, self.output
 
 
-def stop(proc: subprocess.Popen) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    return code, proc.stdout.read()
+def start(args: list[str], main_cli: bool = MAIN_CLI) -> Server:
+    server = Server(args, main_cli)
+    server.wait_listening()
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +98,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model: Path) -> Iterator[str]:
-    proc, url = start([str(model), "--max-request-mb", "1", "--backend", "ort-cpu"])
-    yield url
-    code, output = stop(proc)
+    running = start([str(model), "--max-request-mb", "1", "--backend", "ort-cpu"])
+    yield running.url
+    code, output = running.stop()
     assert code == 0, output
 
 
@@ -147,10 +181,12 @@ def test_over_size_limit_is_413(server: str) -> None:
     assert httpx.get(f"{server}/health").status_code == 200  # still serving
 
 
-def test_concurrent_clients(server: str) -> None:
+def test_concurrent_clients(server: str, model: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    images = [encode(photo(s)) for s in range(4)]
+    images = [encode(photo(s)) for s in (0, 3, 8, 5)]
+    want = [p.label for p in Predictor(model, "ort-cpu").predict(images)]
+    assert len(set(want)) > 1  # else a server answering one class for all would pass
 
     def ask(i: int) -> str:
         r = httpx.post(f"{server}/predict", files={"file": (f"{i}.png", images[i % 4])})
@@ -158,25 +194,37 @@ def test_concurrent_clients(server: str) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         labels = list(pool.map(ask, range(16)))
-    assert labels == [labels[i % 4] for i in range(16)]
+    assert labels == [want[i % 4] for i in range(16)]
 
 
 def test_sigterm_exits_zero_promptly(model: Path) -> None:
-    proc, url = start([str(model)])
-    assert httpx.get(f"{url}/health").status_code == 200
+    running = start([str(model)])  # no --host: localhost only
+    assert httpx.get(f"{running.url}/health").status_code == 200
     began = time.monotonic()
-    code, output = stop(proc)
+    code, output = running.stop()
     assert code == 0, output
     assert time.monotonic() - began < 5
-    assert "127.0.0.1" in output  # bound to localhost by default
+    assert f"serving {model.name} ({len(CLASSES)} classes)" in output
+    assert "0.0.0.0" not in output, output  # bound to localhost by default
 
 
-def test_serve_user_errors(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("args", "named"), [
+    (["{missing}"], "{missing}"),
+    (["{model}", "--max-request-mb", "0"], "--max-request-mb"),
+    (["{model}", "--port", "70000"], "--port"),
+])
+def test_serve_user_errors(args: list[str], named: str, model: Path, tmp_path: Path) -> None:
+    """A bad model file or option: exit 2 with one `error:` line naming it, nothing served."""
+    missing = tmp_path / "none.onnx"
+    args = [a.format(missing=missing, model=model) for a in args]
     prefix = ["-m", "dgkit"] if MAIN_CLI else [str(HELPERS)]
-    run = subprocess.run([sys.executable, *prefix, "serve", str(tmp_path / "none.onnx")],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2 and "does not exist" in run.stderr
-    assert "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, *prefix, "serve", *args], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and "running on" not in run.stderr + run.stdout
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, run.stderr
+    assert named.format(missing=missing) in lines[0]
 
 
 def test_load_test_counts_refused_requests_as_errors(server: str) -> None:

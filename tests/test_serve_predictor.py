@@ -191,8 +191,9 @@ def test_bad_model_files(tmp_path: Path, model: tuple[Path, dict]) -> None:
         Predictor(bare)
     assert str(bare) in str(info.value)
 
-    with pytest.raises(DgkitError, match="is not a file"):
+    with pytest.raises(DgkitError, match="is not a file") as info:
         Predictor(tmp_path)
+    assert str(tmp_path) in str(info.value)
 
 
 def test_unknown_backend_lists_choices(model: tuple[Path, dict]) -> None:
@@ -241,10 +242,24 @@ def test_engine_mismatch_is_one_sentence() -> None:
         check_engine_fits(Path("m.plan"), info, "10.3.0", ("NVIDIA H100", "9.0"))
 
 
-def test_physical_cores_is_sane() -> None:
+def test_physical_cores_counts_cores_not_hyperthreads() -> None:
+    """Against the topology counted here from each usable CPU's (package, core) ids, a
+    different sysfs file from the sibling lists physical_cores() reads, capped by a cgroup
+    quota where there is one."""
     import os
 
-    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    topology = [Path(f"/sys/devices/system/cpu/cpu{c}/topology") for c in cpus]
+    if not cpus or not all((t / "core_id").is_file() for t in topology):
+        pytest.skip("needs Linux sysfs CPU topology")
+    cores = {((t / "physical_package_id").read_text().strip(), (t / "core_id").read_text().strip())
+             for t in topology}
+    want = len(cores)
+    quota = Path("/sys/fs/cgroup/cpu.max")
+    if quota.is_file() and quota.read_text().split()[0] != "max":
+        limit, period = (int(v) for v in quota.read_text().split()[:2])
+        want = min(want, max(1, limit // period))
+    assert physical_cores() == want
 
 
 def test_no_torch_in_the_edge_runtime(tmp_path: Path, model: tuple[Path, dict]) -> None:
@@ -268,7 +283,7 @@ def test_commands_module_imports_light() -> None:
     """Every CLI start imports dgkit.serve.commands: it must not load numpy or onnxruntime."""
     code = ("import sys, dgkit.serve.commands\n"
             "print(sorted(m for m in ('numpy', 'onnxruntime', 'fastapi', 'PIL') "
-            "if m in sys.modules))\n")
+            "if sys.modules.get(m) is not None))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from dgkit.distill.methods import Batch, MethodContext, get_method, parse_hparams
 from dgkit.distill.students import build_backbone
-from dgkit.distill.teacher import TeacherSpec, load_teacher
+from dgkit.distill.teacher import load_teacher
 from dgkit.errors import DgkitError
+from dgkit.teacher_spec import TeacherSpec
 
 
 def test_tiny_checkpoint_loads_through_the_real_path(tiny_teacher):
@@ -90,18 +91,24 @@ def test_student_errors():
 def test_student_weights_from_a_safetensors_file(tmp_path):
     from safetensors.torch import save_file
 
-    first = build_backbone("resnet18", "none")
+    # Values no initialisation gives: a copy that loaded nothing could not match them.
+    state = {k: v.contiguous() for k, v in build_backbone("resnet18", "none").module
+             .state_dict().items()}
+    gen = torch.Generator().manual_seed(7)
+    saved = {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+             for k, v in state.items()}
     path = tmp_path / "r18.safetensors"
-    save_file({k: v.contiguous() for k, v in first.module.state_dict().items()}, str(path))
-    second = build_backbone("resnet18", str(path))
-    torch.testing.assert_close(second.module.state_dict()["conv1.weight"],
-                               first.module.state_dict()["conv1.weight"])
+    save_file(saved, str(path))
+    loaded = build_backbone("resnet18", str(path)).module.state_dict()
+    assert loaded.keys() == saved.keys()
+    for name, value in saved.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
 
 def _method(name, **hp):
     cls = get_method(name)
     ctx = MethodContext(num_classes=3, class_names=["a", "b", "c"], source_domains=["x"],
-                        total_steps=10, steps_per_epoch=2, num_images=4)
+                        total_steps=10, steps_per_epoch=2, num_images=4, feature_dim=4)
     return cls(parse_hparams(cls, hp), ctx)
 
 
