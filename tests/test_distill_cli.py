@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,9 +77,8 @@ def test_two_cpu_runs_with_one_seed_are_identical(tiny_domains, tmp_path):
     a, b = load_file(str(tmp_path / "a" / "student.safetensors")), \
         load_file(str(tmp_path / "b" / "student.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)
-    assert (tmp_path / "a" / "metrics.jsonl").read_text().replace("images_per_s", "") \
-        .split("\n")[0][:200] == (tmp_path / "b" / "metrics.jsonl").read_text() \
-        .split("\n")[0][:200]
+    assert _strip_speed(tmp_path / "a" / "metrics.jsonl") == \
+        _strip_speed(tmp_path / "b" / "metrics.jsonl")
 
 
 def _strip_speed(path):
@@ -101,8 +101,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_domains, tmp_path
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = dgkit("distill", "--resume", tmp_path / "killed", "--quiet", check=True)
-    assert resumed.returncode == 0
+    dgkit("distill", "--resume", tmp_path / "killed", "--quiet", check=True)
     assert _strip_speed(tmp_path / "killed" / "metrics.jsonl") == \
         _strip_speed(tmp_path / "whole" / "metrics.jsonl")
     a = load_file(str(tmp_path / "whole" / "student.safetensors"))
@@ -158,7 +157,7 @@ def test_bad_arguments_fail_in_one_line_and_write_nothing(tiny_domains, tmp_path
     args = [a.format(missing=tmp_path / "nowhere", data=tiny_domains) for a in args]
     proc = dgkit("distill", *args, "--out", tmp_path / "run", *TINY)
     assert proc.returncode == 2
-    assert pytest.importorskip("re").search(message, error_line(proc))
+    assert re.search(message, error_line(proc))
     if "cannot be fetched" not in message:
         assert not (tmp_path / "run").exists()
 
