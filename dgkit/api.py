@@ -41,28 +41,27 @@ def __getattr__(name: str) -> Any:
 def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
           quiet: bool = False, runs_root: Path | None = None) -> Summary | None:
     """Distill one run into the new run directory `out` and point `runs_root/latest` (default:
-    out's parent) at it. Returns its summary (None on torchrun ranks other than 0)."""
+    out's parent) at it; a failed run that leaves nothing restores `latest`. Returns its summary
+    (None on torchrun ranks other than 0)."""
     from dgkit.distill import distributed
     from dgkit.distill.trainer import Trainer
     from dgkit.errors import DgkitError
-    from dgkit.rundir import new_run, update_latest
+    from dgkit.rundir import new_run
 
     out = Path(out)
     trainer = Trainer(config, run=None, quiet=quiet)
     run_config = trainer.run_config()  # checks data, targets and names before touching disk
     if distributed.world() == 1:
-        with new_run(out, overwrite) as run:
+        with new_run(out, overwrite, runs_root) as run:
             trainer.run = run
             run.write_config(run_config)
-            update_latest(run, runs_root)
             return trainer.train()
     # Under torchrun rank 0 creates the run directory; the others learn whether it could.
     error = None
     if distributed.is_main():
         try:
-            with new_run(out, overwrite) as run:
+            with new_run(out, overwrite, runs_root) as run:
                 run.write_config(run_config)
-                update_latest(run, runs_root)
         except DgkitError as exc:
             error = str(exc)
     error = distributed.broadcast_object(error)
@@ -73,7 +72,9 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
 
 
 def resume(run: str | Path, *, quiet: bool = False) -> Summary | None:
-    """Continue an interrupted run from its last checkpoint, with the options it was made with."""
+    """Continue an interrupted run from its last checkpoint, with the options it was made with.
+    A finished run is refused; temporary files of writes that were killed are removed."""
+    from dgkit.atomic import remove_stale_temps
     from dgkit.distill.trainer import Trainer
     from dgkit.errors import DgkitError
 
@@ -81,7 +82,14 @@ def resume(run: str | Path, *, quiet: bool = False) -> Summary | None:
     if not path.exists():
         raise DgkitError(f"--resume {path} does not exist")
     run_dir = RunDir(path)
-    return Trainer(run_dir.config().train, run_dir, quiet=quiet).train(resume=True)
+    config = run_dir.config()
+    summary = run_dir.summary()
+    if summary is not None and summary.finished:
+        raise DgkitError(f"--resume {path} is a finished run (its summary.json says so), so "
+                         f"there is nothing to continue; export it with dgkit export {path}, or "
+                         f"train it again with --out {path} --overwrite")
+    remove_stale_temps(run_dir.path, run_dir.cache)
+    return Trainer(config.train, run_dir, quiet=quiet).train(resume=True)
 
 
 def export(run: str | Path, options: ExportOptions | None = None) -> dict[str, Any]:

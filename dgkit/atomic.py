@@ -29,6 +29,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def remove_stale_temps(*folders: Path) -> None:
+    """Remove the `.{name}.XXXX.tmp` files that writes killed mid-way left in `folders`
+    (not recursive); call it where a folder is opened for writing again."""
+    for folder in folders:
+        if folder.is_dir():
+            for tmp in folder.glob(".*.*.tmp"):
+                if tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink(missing_ok=True)
+
+
 def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> None:
     """Call `writer(tmp_path)` and move the result into place."""
     with atomic_path(path) as tmp:

@@ -55,6 +55,17 @@ def _visible_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _found(folder: Path) -> str:
+    """What `folder` holds directly, for a message about a wrong layout."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    folders = sum(p.is_dir() for p in entries)
+    images = sum(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in entries)
+    counts = ((images, "images"), (len(entries) - folders - images, "other files"),
+              (folders, "folders"))
+    return "found " + (", ".join(f"{n} {what if n > 1 else what[:-1]}" for n, what in counts
+                                 if n) or "nothing")
+
+
 def discover(root: str | Path) -> DomainData:
     """Find domains, classes and images; fail with one sentence when the layout is wrong."""
     root = Path(root).expanduser()
@@ -64,7 +75,8 @@ def discover(root: str | Path) -> DomainData:
         raise DgkitError(f"data root {root} is not a folder")
     domain_dirs = _visible_dirs(root)
     if not domain_dirs:
-        raise DgkitError(f"data root {root} is empty: expected <root>/<domain>/<class>/<image>")
+        raise DgkitError(f"data root {root} has no domain folders ({_found(root)} in it): "
+                         "expected <root>/<domain>/<class>/<image>")
     per_domain: dict[str, dict[str, list[Path]]] = {}
     for ddir in domain_dirs:
         per_domain[ddir.name] = {
@@ -73,8 +85,8 @@ def discover(root: str | Path) -> DomainData:
             for cdir in _visible_dirs(ddir)
         }
         if not any(per_domain[ddir.name].values()):
-            raise DgkitError(f"domain '{ddir.name}' ({ddir}) has no images: expected "
-                             f"{ddir}/<class>/<image>")
+            raise DgkitError(f"domain '{ddir.name}' ({ddir}) has no images in class folders "
+                             f"({_found(ddir)} in it): expected <root>/<domain>/<class>/<image>")
     domains = sorted(per_domain)
     classes = sorted({c for cls in per_domain.values() for c, files in cls.items() if files})
     samples = [Sample(path, d, classes.index(c))

@@ -52,7 +52,7 @@ class ModelMeta:
             return cls(
                 classes=classes,
                 prompt_names=json.loads(props.get("prompt_names", "null")) or classes,
-                preprocess=PreprocessSpec.from_metadata(props),
+                preprocess=PreprocessSpec.from_metadata(props, source),
                 precision=props.get("precision", "fp32"),
                 run_id=props.get("run_id", ""),
                 student=props.get("student", ""),

@@ -24,6 +24,9 @@ MAX_PIXELS = 80_000_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
                             ".tiff"})
 
+# Largest input or resize size a model may ask for; beyond it the metadata is broken.
+MAX_SIZE = 4096
+
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
 
@@ -53,17 +56,28 @@ class PreprocessSpec:
         }
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> PreprocessSpec:
+    def from_metadata(cls, meta: dict[str, str], source: str = "model") -> PreprocessSpec:
+        """The spec an exported model carries; `source` names the model in messages."""
         try:
-            return cls(
+            spec = cls(
                 input_size=int(meta["input_size"]),
                 resize_size=int(meta["resize_size"]),
                 interpolation=meta.get("interpolation", "bilinear"),
                 mean=tuple(json.loads(meta["mean"])),
                 std=tuple(json.loads(meta["std"])),
             )
-        except (KeyError, ValueError) as exc:
-            raise DgkitError(f"model metadata lacks a valid preprocessing spec ({exc})") from exc
+        except KeyError as exc:
+            raise DgkitError(f"{source} has broken dgkit metadata (no {exc})") from exc
+        except (TypeError, ValueError) as exc:
+            raise DgkitError(f"{source} has broken dgkit metadata ({exc})") from exc
+        if spec.interpolation not in _RESAMPLE:
+            raise DgkitError(f"{source} has broken dgkit metadata: interpolation "
+                             f"'{spec.interpolation}' is not one of: {', '.join(_RESAMPLE)}")
+        for name in ("input_size", "resize_size"):
+            if not 1 <= getattr(spec, name) <= MAX_SIZE:
+                raise DgkitError(f"{source} has broken dgkit metadata: {name} "
+                                 f"{getattr(spec, name)} is not between 1 and {MAX_SIZE}")
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

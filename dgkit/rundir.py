@@ -23,6 +23,7 @@ from dgkit.records import RunConfig, StudentSpec, Summary, ValidationReport
 
 DEFAULT_RUNS = Path("runs")
 LATEST = "latest"
+QUICKSTART_RUN = Path("quickstart") / "run"  # where `dgkit quickstart` trains by default
 
 
 class RunDir:
@@ -103,20 +104,32 @@ class RunDir:
 
 
 def resolve_run(arg: str | Path | None) -> RunDir:
-    """A run given on the command line, or runs/latest."""
-    path = Path(arg) if arg else DEFAULT_RUNS / LATEST
-    if not path.exists():
-        hint = "; train one with dgkit distill" if arg is None else ""
-        raise DgkitError(f"run directory {path} does not exist{hint}")
-    return RunDir(path.resolve())
+    """A run given on the command line, else runs/latest, else the quickstart's run."""
+    if arg:
+        path = Path(arg)
+        if not path.exists():
+            raise DgkitError(f"run directory {path} does not exist")
+        return RunDir(path.resolve())
+    path = DEFAULT_RUNS / LATEST
+    if path.exists():
+        return RunDir(path.resolve())
+    if (QUICKSTART_RUN / "run.json").is_file():
+        from dgkit.progress import console
+
+        console.print(f"using {QUICKSTART_RUN}, the quickstart's run ({path} does not exist)")
+        return RunDir(QUICKSTART_RUN.resolve())
+    raise DgkitError(f"run directory {path} does not exist; name a run directory, or train "
+                     "one with dgkit distill or dgkit quickstart")
 
 
 @contextlib.contextmanager
-def new_run(path: Path, overwrite: bool) -> Iterator[RunDir]:
-    """Create a run directory, refusing to clobber an earlier run unless asked to.
+def new_run(path: Path, overwrite: bool, runs_root: Path | None = None) -> Iterator[RunDir]:
+    """Create a run directory and point <runs_root>/latest (default: its parent) at it,
+    refusing to clobber an earlier run unless asked to.
 
-    If the new run fails before it writes a checkpoint or a student, it is removed and a run
-    that --overwrite set aside comes back, so a failed attempt loses nothing.
+    If the new run fails before it writes a checkpoint or a student, it is removed, `latest`
+    points where it pointed before and a run that --overwrite set aside comes back, so a failed
+    attempt loses nothing.
     """
     backup = None
     if path.exists() and any(path.iterdir()):
@@ -128,6 +141,9 @@ def new_run(path: Path, overwrite: bool) -> Iterator[RunDir]:
         os.replace(path, backup)
     path.mkdir(parents=True, exist_ok=True)
     run = RunDir(path)
+    root = runs_root or path.parent
+    previous = _latest_target(root)
+    update_latest(run, root)
     try:
         yield run
     except BaseException:
@@ -136,6 +152,7 @@ def new_run(path: Path, overwrite: bool) -> Iterator[RunDir]:
             if backup is not None:
                 os.replace(backup, path)
                 backup = None
+            _point_latest(root, previous)
         raise
     finally:
         if backup is not None:
@@ -145,10 +162,25 @@ def new_run(path: Path, overwrite: bool) -> Iterator[RunDir]:
 def update_latest(run: RunDir, runs_root: Path | None = None) -> None:
     """Point <runs_root>/latest (default: the run's parent) at this run, atomically."""
     root = runs_root or run.path.parent
+    _point_latest(root, os.path.relpath(run.path.resolve(), root.resolve()))
+
+
+def _latest_target(root: Path) -> str | None:
+    link = root / LATEST
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def _point_latest(root: Path, target: str | None) -> None:
+    """Point <root>/latest at `target` (relative to root), or remove it when None; a real
+    folder called 'latest' belongs to the user and is left alone."""
     link = root / LATEST
     if link.exists() and not link.is_symlink():
-        return  # a real folder called 'latest' belongs to the user
+        return
+    if target is None:
+        link.unlink(missing_ok=True)
+        return
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{LATEST}.tmp"
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(os.path.relpath(run.path.resolve(), root.resolve()), target_is_directory=True)
+    tmp.symlink_to(target, target_is_directory=True)
     os.replace(tmp, link)

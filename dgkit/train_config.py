@@ -40,6 +40,14 @@ class TrainConfig:
     average: str = "none"
     ema_decay: float = 0.999
     swa_start: float = 0.75
+    # --average sma: SCMD's MovingAvg start_iter (SeanLeng1/SCMD algorithms.py: 300).
+    sma_start: int = 300
+    # --average swad: LossValley's swad_kwargs (khanrc/swad config.yaml) and update_bn's 500
+    # batches (khanrc/swad trainer.py).
+    swad_n_converge: int = 3
+    swad_n_tolerance: int = 6
+    swad_tolerance_ratio: float = 0.3
+    swad_bn_batches: int = 500
     precision: str = "auto"
     channels_last: bool = True
     device: str = "auto"
@@ -49,7 +57,7 @@ class TrainConfig:
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "step", "constant"),
-        "average": ("none", "ema", "swa"), "teacher_mode": ("cached", "online"),
+        "average": ("none", "ema", "swa", "sma", "swad"), "teacher_mode": ("cached", "online"),
         "precision": ("auto", "fp32", "bf16")}
 
     def __post_init__(self) -> None:
@@ -57,12 +65,19 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise DgkitError(f"--{name.replace('_', '-')} '{getattr(self, name)}' is not "
                                  f"one of: {', '.join(choices)}")
-        for name in ("steps", "batch_size", "image_size"):
-            if getattr(self, name) < 1:
-                raise DgkitError(f"--{name.replace('_', '-')} must be at least 1, got "
-                                 f"{getattr(self, name)}")
-        if not self.lr > 0:
-            raise DgkitError(f"--lr must be positive, got {self.lr}")
+        least = {"steps": 1, "batch_size": 1, "image_size": 1, "eval_every": 1,
+                 "checkpoint_every": 1, "warmup_steps": 0, "sma_start": 0, "swad_n_converge": 1,
+                 "swad_n_tolerance": 1, "swad_bn_batches": 0}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise DgkitError(f"--{name.replace('_', '-')} must be at least {low}, got "
+                                 f"{value}")
+        if not 0 < self.lr < float("inf"):  # nan fails both comparisons
+            raise DgkitError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.swad_tolerance_ratio < float("inf"):
+            raise DgkitError("--swad-tolerance-ratio must be a number >= 0, got "
+                             f"{self.swad_tolerance_ratio}")
 
     @property
     def warmup(self) -> int:
@@ -70,7 +85,9 @@ class TrainConfig:
 
     @property
     def eval_interval(self) -> int:
-        return self.eval_every or max(1, self.steps // 10)
+        # SWAD's segments run from one evaluation to the next: its authors evaluate every 100 of
+        # 5000 steps on PACS (checkpoint_freq), so SWAD's default is 50 evaluations a run.
+        return self.eval_every or max(1, self.steps // (50 if self.average == "swad" else 10))
 
     @property
     def checkpoint_interval(self) -> int:

@@ -67,6 +67,11 @@ def bench_dg(
     checkpoint_every: opt.CheckpointEvery = None,
     average: opt.Average = DEFAULT("average"),
     ema_decay: opt.EmaDecay = DEFAULT("ema_decay"),
+    sma_start: opt.SmaStart = DEFAULT("sma_start"),
+    swad_n_converge: opt.SwadNConverge = DEFAULT("swad_n_converge"),
+    swad_n_tolerance: opt.SwadNTolerance = DEFAULT("swad_n_tolerance"),
+    swad_tolerance_ratio: opt.SwadToleranceRatio = DEFAULT("swad_tolerance_ratio"),
+    swad_bn_batches: opt.SwadBnBatches = DEFAULT("swad_bn_batches"),
     device: opt.Device = DEFAULT("device"),
     precision: opt.Precision = DEFAULT("precision"),
     skip_bad: opt.SkipBad = DEFAULT("skip_bad"),
@@ -84,7 +89,10 @@ def bench_dg(
             steps=steps, batch_size=batch_size, image_size=image_size, lr=lr,
             optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
             warmup_steps=warmup_steps, eval_every=eval_every, checkpoint_every=checkpoint_every,
-            average=average, ema_decay=ema_decay, precision=precision, device=device,
+            average=average, ema_decay=ema_decay, sma_start=sma_start,
+            swad_n_converge=swad_n_converge, swad_n_tolerance=swad_n_tolerance,
+            swad_tolerance_ratio=swad_tolerance_ratio, swad_bn_batches=swad_bn_batches,
+            precision=precision, device=device,
             skip_bad=skip_bad))
     finally:
         distributed.shutdown()

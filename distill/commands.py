@@ -77,6 +77,11 @@ def distill(
     checkpoint_every: opt.CheckpointEvery = None,
     average: opt.Average = DEFAULT("average"),
     ema_decay: opt.EmaDecay = DEFAULT("ema_decay"),
+    sma_start: opt.SmaStart = DEFAULT("sma_start"),
+    swad_n_converge: opt.SwadNConverge = DEFAULT("swad_n_converge"),
+    swad_n_tolerance: opt.SwadNTolerance = DEFAULT("swad_n_tolerance"),
+    swad_tolerance_ratio: opt.SwadToleranceRatio = DEFAULT("swad_tolerance_ratio"),
+    swad_bn_batches: opt.SwadBnBatches = DEFAULT("swad_bn_batches"),
     seed: opt.Seed = DEFAULT("seed"),
     device: opt.Device = DEFAULT("device"),
     precision: opt.Precision = DEFAULT("precision"),
@@ -112,6 +117,9 @@ def distill(
                 optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                 warmup_steps=warmup_steps, eval_every=eval_every,
                 checkpoint_every=checkpoint_every, average=average, ema_decay=ema_decay,
+                sma_start=sma_start, swad_n_converge=swad_n_converge,
+                swad_n_tolerance=swad_n_tolerance, swad_tolerance_ratio=swad_tolerance_ratio,
+                swad_bn_batches=swad_bn_batches,
                 precision=precision, device=device, skip_bad=skip_bad, compile=compile)
     # One name on every rank under torchrun.
     stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -178,8 +186,10 @@ def _print_summary(summary: Summary | None, out: Path) -> None:
         return
     acc = summary.target_accuracy or {}
     text = ", ".join(f"{d} {a:.1f}" for d, a in acc.items())
+    how = ("the SWAD average" if summary.selection.startswith("SWAD")
+           else "best source validation")
     console.print(f"[bold green]done[/]: {out}  target accuracy {text} at step "
-                  f"{summary.best_step} (best source validation)")
+                  f"{summary.best_step} ({how})")
     if summary.teacher_zero_shot_accuracy:
         zs = ", ".join(f"{d} {a:.1f}" for d, a in summary.teacher_zero_shot_accuracy.items())
         console.print(f"teacher zero-shot: {zs}")

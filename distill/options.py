@@ -43,11 +43,28 @@ Schedule = Annotated[str, typer.Option(help="cosine, step or constant, after war
 WarmupSteps = Annotated[int | None, typer.Option(
     help="Linear warm-up steps (default: 5% of --steps, at most 500).")]
 EvalEvery = Annotated[int | None, typer.Option(
-    help="Evaluate every N steps (default: --steps / 10).")]
+    help="Evaluate every N steps (default: --steps / 10; --steps / 50 with --average swad, "
+         "whose segments end at evaluations).")]
 CheckpointEvery = Annotated[int | None, typer.Option(
     help="Checkpoint every N steps (default: --eval-every).")]
 Average = Annotated[str, typer.Option(
-    help="Weight averaging: none, ema or swa (uniform over the last quarter).")]
+    help="Weight averaging: none, ema, swa (uniform over the last quarter), sma (SCMD's simple "
+         "moving average from --sma-start) or swad (SWAD: dense average over the window the "
+         "source-validation loss chooses, BatchNorm recomputed; the final average is exported).")]
+SmaStart = Annotated[int, typer.Option(
+    help="--average sma: the step from which every step's weights are averaged (SCMD's 300).")]
+SwadNConverge = Annotated[int, typer.Option(
+    help="--average swad: evaluations whose first loss is their lowest start the valley "
+         "(n_converge).")]
+SwadNTolerance = Annotated[int, typer.Option(
+    help="--average swad: consecutive evaluations above the threshold end the valley "
+         "(n_tolerance).")]
+SwadToleranceRatio = Annotated[float, typer.Option(
+    help="--average swad: threshold = (1 + ratio) x the mean loss at convergence "
+         "(tolerance_ratio).")]
+SwadBnBatches = Annotated[int, typer.Option(
+    help="--average swad: source training batches that recompute the average's BatchNorm "
+         "statistics (0: none).")]
 EmaDecay = Annotated[float, typer.Option(help="EMA decay per step, with --average ema.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 on GPU), fp32 or bf16.")]

@@ -7,6 +7,7 @@ run bit for bit on the same machine, and two CPU runs with one seed are identica
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from rich.progress import TextColumn
 from safetensors.torch import save_file
 
@@ -36,6 +38,7 @@ from dgkit.data import (
 )
 from dgkit.distill import distributed
 from dgkit.distill.augment import augment, to_device
+from dgkit.distill.averaging import SMA, SWAD, LossValley, refresh_batchnorm
 from dgkit.distill.methods import Batch, MethodContext, get_method, hparams_dict, parse_hparams
 from dgkit.distill.students import Student, build_backbone, build_head, check_student_name
 from dgkit.errors import DgkitError
@@ -154,17 +157,20 @@ class Session:
     sampler: DomainSampler
 
 
-def _accuracy(model: torch.nn.Module, prep: Prepared, rows: np.ndarray, batch: int,
-              device: torch.device, bf16: bool) -> float:
+def _scores(model: torch.nn.Module, prep: Prepared, rows: np.ndarray, batch: int,
+            device: torch.device, bf16: bool) -> tuple[float, float]:
+    """Accuracy in percent and mean cross-entropy (SWAD's validation loss) on `rows`."""
     if len(rows) == 0:
-        return float("nan")
-    correct = 0
+        return float("nan"), float("nan")
+    correct, loss = 0, 0.0
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for i in range(0, len(rows), batch):
             idx = torch.from_numpy(rows[i:i + batch]).to(device)
             x = prep.pixels[idx].float() / 255.0
-            correct += (model(x).argmax(-1) == prep.labels[idx]).sum().item()
-    return 100.0 * correct / len(rows)
+            logits = model(x).float()
+            correct += (logits.argmax(-1) == prep.labels[idx]).sum().item()
+            loss += F.cross_entropy(logits, prep.labels[idx], reduction="sum").item()
+    return 100.0 * correct / len(rows), loss / len(rows)
 
 
 class Trainer:
@@ -269,9 +275,16 @@ class Trainer:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  fused=self.device.type == "cuda")
 
-    def _averager(self, student: Student) -> torch.optim.swa_utils.AveragedModel | None:
+    def _averager(self, student: Student) -> Any:
+        """torch's AveragedModel for ema and swa; SMA and SWAD from `averaging`."""
         from torch.optim import swa_utils
 
+        cfg = self.config
+        if cfg.average == "sma":
+            return SMA(student, cfg.sma_start)
+        if cfg.average == "swad":
+            return SWAD(LossValley(cfg.swad_n_converge, cfg.swad_n_tolerance,
+                                   cfg.swad_tolerance_ratio))
         if self.config.average == "ema":
             return swa_utils.AveragedModel(
                 student, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(self.config.ema_decay),
@@ -330,8 +343,10 @@ class Trainer:
         s.optimizer.step()
         distributed.sync_buffers(s.student)
         s.method.after_step(step)
-        if s.averager is not None and (cfg.average == "ema"
-                                       or step + 1 >= cfg.swa_start * cfg.steps):
+        if isinstance(s.averager, SMA | SWAD):
+            s.averager.update(s.student, step)
+        elif s.averager is not None and (cfg.average == "ema"
+                                         or step + 1 >= cfg.swa_start * cfg.steps):
             s.averager.update_parameters(s.student)
         return terms
 
@@ -354,7 +369,8 @@ class Trainer:
         try:
             if bar:
                 bar.start()
-            while step < cfg.steps:
+            swad = s.averager if isinstance(s.averager, SWAD) else None
+            while step < cfg.steps and not (swad and swad.dead):
                 if stop.requested:
                     raise KeyboardInterrupt
                 terms = self.step(s, step)
@@ -374,12 +390,24 @@ class Trainer:
                         info = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
                         bar.update(task, completed=step, info=f"{info}  {ips:,.0f} img/s")
                 if evaluate:
-                    model = s.averager.module if s.averager else s.student
-                    self._evaluate(prep, model, step, state, losses, ips, s.optimizer, writer)
+                    # SWAD's valley follows the validation loss of the network being trained
+                    model = s.student if swad or s.averager is None else s.averager.module
+                    row = self._evaluate(prep, model, step, state, losses, ips, s.optimizer,
+                                         writer)
+                    if swad:
+                        swad.evaluated(row["source_val_loss_mean"])
                     running, counted, tick = {}, 0, time.perf_counter()
+                if swad and (step % cfg.eval_interval == 0 or step == cfg.steps) and \
+                        distributed.broadcast_object(swad.dead if main else None):
+                    if not self.quiet:  # rank 0 decides; every rank stops with it
+                        console.print(f"SWAD: the validation loss left its valley by step {step}"
+                                      "; training stops there, as the authors' does")
+                    break
                 if main and step % cfg.checkpoint_interval == 0 and step < cfg.steps:
                     state["step"] = step
                     self._save_checkpoint(state, s)
+            if swad and main:
+                self._finish_swad(s, state, step)
         except KeyboardInterrupt:
             if bar:
                 bar.stop()
@@ -400,19 +428,26 @@ class Trainer:
         return self._write_summary(prep, state, finished=True)
 
     # ---------------------------------------------------------------- evaluation
-    def _evaluate(self, prep: Prepared, model: torch.nn.Module, step: int, state: dict,
-                  losses: dict[str, float], ips: float, optimizer, writer) -> None:
+    def _measure(self, prep: Prepared, model: torch.nn.Module) -> dict[str, Any]:
+        """Source-validation accuracy and loss (SWAD's: the mean over source domains of each
+        one's mean cross-entropy, the authors' tr_outloss) and target accuracy, in eval mode."""
         cfg, dev = self.config, self.device
         model.eval()
-        source = {d: _accuracy(model, prep, r, cfg.eval_batch_size, dev, self.bf16)
+        source = {d: _scores(model, prep, r, cfg.eval_batch_size, dev, self.bf16)
                   for d, r in prep.val_rows.items()}
-        target = {d: _accuracy(model, prep, r, cfg.eval_batch_size, dev, self.bf16)
+        target = {d: _scores(model, prep, r, cfg.eval_batch_size, dev, self.bf16)[0]
                   for d, r in prep.target_rows.items()}
-        row = {"step": step, "source_val": source,
-               "source_val_mean": float(np.nanmean(list(source.values()))),
-               "target": target, "target_mean": float(np.nanmean(list(target.values()))),
-               "losses": losses, "lr": optimizer.param_groups[0]["lr"],
-               "images_per_s": round(ips, 1)}
+        return {"source_val": {d: a for d, (a, _) in source.items()},
+                "source_val_mean": float(np.nanmean([a for a, _ in source.values()])),
+                "source_val_loss": {d: v for d, (_, v) in source.items()},
+                "source_val_loss_mean": float(np.nanmean([v for _, v in source.values()])),
+                "target": target, "target_mean": float(np.nanmean(list(target.values())))}
+
+    def _evaluate(self, prep: Prepared, model: torch.nn.Module, step: int, state: dict,
+                  losses: dict[str, float], ips: float, optimizer, writer) -> dict[str, Any]:
+        row = {"step": step, **self._measure(prep, model), "losses": losses,
+               "lr": optimizer.param_groups[0]["lr"], "images_per_s": round(ips, 1)}
+        source, target = row["source_val"], row["target"]
         self.run.append_metrics(row)
         if writer:
             for k, v in losses.items():
@@ -421,6 +456,7 @@ class Trainer:
                 writer.add_scalar(f"val/{d}", v, step)
             for d, v in target.items():
                 writer.add_scalar(f"target/{d}", v, step)
+            writer.add_scalar("val_loss", row["source_val_loss_mean"], step)
             writer.add_scalar("images_per_s", ips, step)
         best = state["best"]
         if best is None or row["source_val_mean"] > best["source_val_mean"]:
@@ -436,6 +472,55 @@ class Trainer:
                           f"target {row['target_mean']:.1f}  "
                           f"(best val at step {state['best']['step']})")
         self._write_summary(prep, state, finished=False)
+        return row
+
+    def _finish_swad(self, s: Session, state: dict, step: int) -> None:
+        """The run's student becomes SWAD's average, evaluated after training as the authors do:
+        BatchNorm statistics recomputed on source training batches, then measured and exported.
+        Its window was chosen from source-validation losses alone; the target accuracy reported
+        is this average's."""
+        cfg, swad = self.config, s.averager
+        mean = swad.result()
+        model = copy.deepcopy(s.student)
+        model.load_state_dict(mean.state)
+        if cfg.swad_bn_batches:  # 0: BatchNorm statistics stay averaged
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                refresh_batchnorm(model, self._source_batches(s, step, cfg.swad_bn_batches),
+                                  swad.batchnorm)
+        row = self._measure(s.prep, model)
+        valley = swad.valley
+        how = ("the source-validation loss never converged: the last segment, as the authors' "
+               "get_final_model" if valley.threshold is None else
+               "the window chosen by the source-validation loss alone (LossValley, n_converge "
+               f"{valley.n_converge}, n_tolerance {valley.n_tolerance}, tolerance_ratio "
+               f"{valley.tolerance_ratio})")
+        bn = (f"BatchNorm statistics recomputed on {cfg.swad_bn_batches} source training "
+              "batches" if cfg.swad_bn_batches else "BatchNorm statistics averaged")
+        selection = (f"SWAD: target accuracy of the dense average of the weights after steps "
+                     f"{mean.first}-{mean.last}, {how}; {bn}")
+        weights = {k: v.detach().float().cpu().contiguous()
+                   for k, v in _plain_state(model).items()}
+        with atomic_path(self.run.student) as tmp:  # one metadata key: its order is random
+            save_file(weights, str(tmp), metadata={"step": str(mean.last)})
+        state["best"] = {"step": mean.last, "selection": selection,
+                         **{k: row[k] for k in ("source_val", "source_val_mean", "target",
+                                                "target_mean")}}
+        if not self.quiet:
+            console.print(f"SWAD, steps {mean.first}-{mean.last}: source val "
+                          f"{row['source_val_mean']:.1f}  target {row['target_mean']:.1f}")
+
+    def _source_batches(self, s: Session, start: int, n: int):
+        """The augmented source batches training would draw at steps start..start+n-1, each
+        seeded by (seed, step): the authors' update_bn continues their training iterator."""
+        cfg, prep = self.config, s.prep
+        for k in range(start, start + n):
+            rows = to_device(torch.from_numpy(s.sampler.batch(k)), self.device)
+            gen = torch.Generator().manual_seed(step_seed(cfg.seed, k, "augment"))
+            torch.manual_seed(step_seed(cfg.seed, k, "torch"))
+            images = augment(prep.pixels[rows], gen, cfg.image_size)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images
 
     def _write_summary(self, prep: Prepared, state: dict, finished: bool) -> Summary:
         best = state["best"] or {}
@@ -457,6 +542,7 @@ class Trainer:
             teacher_zero_shot_accuracy=teacher,
             plumbing_check=self._plumbing_check(prep),
             skipped_images=len(prep.bad),
+            **({"selection": best["selection"]} if "selection" in best else {}),
         )
         self.run.write_summary(summary)
         return summary

@@ -175,6 +175,8 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
                 require_extra(fmt.extra, module)
     run.require_trained()
     _check_export_dir(run.export)
+    from dgkit.atomic import remove_stale_temps
+    remove_stale_temps(run.export)  # left by exports that were killed
     import numpy as np
 
     from dgkit.distill.students import load_student

@@ -134,8 +134,9 @@ def calibration_pixels(data: DomainData, source_names: Sequence[str], seed: int,
         raise DgkitError(f"the source domains' training split has only {len(rows)} images; "
                          f"INT8 calibration needs at least {MIN_CALIB_IMAGES}")
     if len(rows) < count:
-        console.print(f"[yellow]warning: --calib-images {count} asked for, but the source "
-                      f"domains' training split has only {len(rows)} images; using all of them")
+        console.print(f"[yellow]warning: INT8 calibration takes {count} images (--calib-images), "
+                      f"but the source domains' training split has only {len(rows)} images; "
+                      "using all of them")
     key = _cache_key(data, rows, spec)
     info = {"images": int(len(rows)), "domains": list(source_names), "cached": False}
     if cache.is_file():

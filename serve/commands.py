@@ -151,8 +151,11 @@ def predict(
                 progress.advance(task, len(chunk))
     if failed:
         total = len(files) + len(missing)
-        console.print(f"[red]{len(failed)} of {total} images failed; the others were "
-                      "classified[/red]")
+        done = total - len(failed)
+        message = f"{len(failed)} of {total} images failed; {done} classified" if done else (
+            f"{'the image' if total == 1 else f'all {total} images'} failed; nothing was "
+            "classified")
+        console.print(f"[red]{message}[/red]")
         raise typer.Exit(1)
 
 

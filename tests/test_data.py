@@ -49,7 +49,7 @@ def test_prompt_names_default_and_override(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
-    ("empty", "is empty"),
+    ("empty", r"has no domain folders \(found nothing in it\): expected <root>/<domain>/"),
     ("empty_domain", "domain 'empty' .* has no images"),
 ])
 def test_bad_roots(tmp_path, case, message):
