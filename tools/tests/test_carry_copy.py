@@ -98,7 +98,8 @@ def test_an_existing_destination_is_refused_and_left_as_it_was(tmp_path):
 
 def test_a_missing_or_empty_source_is_one_error_and_writes_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
-    for source, said in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "has no domain folders")]:
+    for source, said in [(tmp_path / "nope", "does not exist"),
+                         (tmp_path / "empty", "has no domain folders")]:
         proc = _carry_copy(source, tmp_path / "out")
         assert proc.returncode == 1
         assert error_line(proc).startswith(f"error: data root {source} {said}")
