@@ -103,10 +103,8 @@ def discover(root: str | Path) -> DomainData:
 
 
 def check_targets(data: DomainData, targets: Sequence[str]) -> tuple[list[int], list[int]]:
-    """Target and source domain indices; every target class must appear in some source domain."""
-    if not targets:
-        raise DgkitError("--target is required: name the domain to hold out "
-                         f"({', '.join(data.domains)}) or 'all'")
+    """Target and source domain indices; every target class must appear in some source domain.
+    No targets: every domain is a source (the student to deploy, with nothing held out)."""
     target_ids = sorted({data.domain_index(t) for t in targets})
     source_ids = [d for d in range(len(data.domains)) if d not in target_ids]
     if not source_ids:

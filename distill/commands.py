@@ -52,7 +52,8 @@ def distill(
     ctx: typer.Context,
     data: opt.Data = None,
     target: Annotated[list[str] | None, typer.Option(
-        help="Domain to hold out (repeatable), or 'all' for leave-one-domain-out.")] = None,
+        help="Domain to hold out (repeatable), or 'all' for leave-one-domain-out; none: "
+             "train the student to deploy on every domain.")] = None,
     method: opt.Method = DEFAULT("method"),
     student: opt.Student = DEFAULT("student"),
     student_weights: opt.StudentWeights = DEFAULT("student_weights"),
@@ -104,8 +105,7 @@ def distill(
         return
     if data is None:
         raise DgkitError("--data is required: the folder of <domain>/<class>/<image>")
-    if not target:
-        raise DgkitError("--target is required: the domain to hold out, or 'all'")
+    target = list(target or [])  # none: train on every domain, the student to deploy
     template_list = read_templates(templates) if templates else None
     teacher = TeacherSpec.resolve(teacher) if teacher else None
     base = dict(data=str(data.expanduser().resolve()), method=method, hparams=extra,
@@ -123,7 +123,7 @@ def distill(
                 precision=precision, device=device, skip_bad=skip_bad, compile=compile)
     # One name on every rank under torchrun.
     stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out = out or Path("runs") / f"{stamp}-{method}-{'+'.join(target)}"
+    out = out or Path("runs") / f"{stamp}-{method}-{'+'.join(target) or 'all-domains'}"
     try:
         if target == ["all"]:
             _leave_one_domain_out(base, out, overwrite, quiet)
@@ -185,6 +185,15 @@ def _print_summary(summary: Summary | None, out: Path) -> None:
     if summary is None:  # a torchrun rank other than 0
         return
     acc = summary.target_accuracy or {}
+    if not summary.target_domains:  # trained on every domain: nothing was held out
+        console.print(f"[bold green]done[/]: {out}  trained on every domain, selected at step "
+                      f"{summary.best_step} by source validation "
+                      f"({summary.source_val_accuracy_mean:.1f} %). Nothing was held out, so "
+                      "its accuracy on an unseen domain is unknown: estimate it with dgkit "
+                      f"distill --data DATA --target all (leave-one-domain-out), or check it on "
+                      f"labelled images of a new domain with dgkit validate "
+                      f"{out}/export/model.onnx --data DIR --domain D after dgkit export")
+        return
     text = ", ".join(f"{d} {a:.1f}" for d, a in acc.items())
     how = ("the SWAD average" if summary.selection.startswith("SWAD")
            else "best source validation")

@@ -49,6 +49,9 @@ from dgkit.rundir import RunDir
 from dgkit.teacher_spec import DEFAULT_TEACHER, RISE_TEMPLATES, TEACHER_LOGIT_SCALE
 from dgkit.train_config import TrainConfig
 
+SLOW_CHECK_STEPS = 3  # steps timed before estimating how long the run takes
+SLOW_HOURS = 1.0  # a CPU run estimated longer than this gets a warning
+
 
 def step_seed(seed: int, step: int, what: str) -> int:
     digest = hashlib.sha256(f"{seed}:{step}:{what}".encode()).digest()
@@ -198,7 +201,8 @@ class Trainer:
         target_ids, source_ids = check_targets(data, cfg.targets)
         names = prompt_names(data.classes, cfg.class_names_file)
         train_idx, val_idx = split_sources(data, source_ids, cfg.seed)
-        target_idx = np.array([i for i, s in enumerate(data.samples) if s.domain in target_ids])
+        target_idx = np.array([i for i, s in enumerate(data.samples) if s.domain in target_ids],
+                              dtype=np.int64)
         every = np.concatenate([train_idx, val_idx, target_idx])
         spec = PreprocessSpec(input_size=cfg.image_size, resize_size=cfg.image_size)
         decoded = decode_samples(data, every, spec,
@@ -363,6 +367,7 @@ class Trainer:
         writer = self._tensorboard(state["step"]) if main else None
         running: dict[str, torch.Tensor] = {}  # summed on the device: no sync per step
         counted, tick, step, next_report = 0, time.perf_counter(), state["step"], 0.0
+        began, first = tick, step
         bar = None if self.quiet else make_progress(TextColumn("{task.fields[info]}"))
         task = bar.add_task("Training", total=cfg.steps, completed=step, info="") if bar else None
         stop = _StopAtStepBoundary()
@@ -375,6 +380,8 @@ class Trainer:
                     raise KeyboardInterrupt
                 terms = self.step(s, step)
                 step += 1
+                if step == first + SLOW_CHECK_STEPS and main:
+                    self._warn_if_slow(time.perf_counter() - began, cfg.steps - step)
                 for k, v in terms.items():
                     running[k] = running.get(k, 0.0) + v.detach()
                 counted += 1
@@ -427,6 +434,18 @@ class Trainer:
         run.checkpoint.unlink(missing_ok=True)
         return self._write_summary(prep, state, finished=True)
 
+    def _warn_if_slow(self, seconds: float, steps_left: int) -> None:
+        """On a CPU, the defaults (sized for a GPU) take hours: say so once, with the estimate
+        from the first steps and settings that fit."""
+        hours = seconds / SLOW_CHECK_STEPS * steps_left / 3600
+        if self.device.type != "cpu" or hours < SLOW_HOURS:
+            return
+        cfg = self.config
+        console.print(f"[yellow]warning:[/] on this CPU these settings ({cfg.steps} steps of "
+                      f"{cfg.batch_size} images at {cfg.image_size} px) take about {hours:.1f} "
+                      "h; for a first try pass --steps 300 --image-size 96 --batch-size 24 (as "
+                      "dgkit quickstart does), or train on a GPU", soft_wrap=True)
+
     # ---------------------------------------------------------------- evaluation
     def _measure(self, prep: Prepared, model: torch.nn.Module) -> dict[str, Any]:
         """Source-validation accuracy and loss (SWAD's: the mean over source domains of each
@@ -441,7 +460,8 @@ class Trainer:
                 "source_val_mean": float(np.nanmean([a for a, _ in source.values()])),
                 "source_val_loss": {d: v for d, (_, v) in source.items()},
                 "source_val_loss_mean": float(np.nanmean([v for _, v in source.values()])),
-                "target": target, "target_mean": float(np.nanmean(list(target.values())))}
+                "target": target,
+                "target_mean": float(np.mean(list(target.values()))) if target else None}
 
     def _evaluate(self, prep: Prepared, model: torch.nn.Module, step: int, state: dict,
                   losses: dict[str, float], ips: float, optimizer, writer) -> dict[str, Any]:
@@ -468,8 +488,10 @@ class Trainer:
             with atomic_path(self.run.student) as tmp:
                 save_file(weights, str(tmp), metadata={"step": str(step)})
         if not self.quiet:
-            console.print(f"step {step}: source val {row['source_val_mean']:.1f}  "
-                          f"target {row['target_mean']:.1f}  "
+            held_out = "" if target else "  (no held-out domain)"
+            if target:
+                held_out = f"  target {row['target_mean']:.1f}"
+            console.print(f"step {step}: source val {row['source_val_mean']:.1f}{held_out}  "
                           f"(best val at step {state['best']['step']})")
         self._write_summary(prep, state, finished=False)
         return row
@@ -506,8 +528,9 @@ class Trainer:
                          **{k: row[k] for k in ("source_val", "source_val_mean", "target",
                                                 "target_mean")}}
         if not self.quiet:
+            target = "" if row["target_mean"] is None else f"  target {row['target_mean']:.1f}"
             console.print(f"SWAD, steps {mean.first}-{mean.last}: source val "
-                          f"{row['source_val_mean']:.1f}  target {row['target_mean']:.1f}")
+                          f"{row['source_val_mean']:.1f}{target}")
 
     def _source_batches(self, s: Session, start: int, n: int):
         """The augmented source batches training would draw at steps start..start+n-1, each

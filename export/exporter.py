@@ -186,6 +186,10 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     # Without validation only the parity images are needed: 32 from each validation set.
     limit = opts.max_images if opts.validate else ox.PARITY_IMAGES // 2
     config, data, _, sets = run_context(run, opts.data, limit)
+    if not config.target_domains:
+        console.print(f"{run.path.name} was trained on every domain: validation can check the "
+                      "source validation split only; check a new domain with dgkit validate "
+                      "MODEL.onnx --data DIR --domain D")
     student = load_student(run)
     pixels = np.concatenate([s.pixels for s in sets])
     x = _Export(run, config, opts, data, student, pixels[ox.parity_rows(len(pixels))])

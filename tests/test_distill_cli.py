@@ -147,7 +147,6 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_domains, tmp_p
     (["--data", "{data}", "--target", "sketch", "--student", "vgg"], "unknown student 'vgg'"),
     (["--data", "{data}", "--target", "sketch", "--temperature", "3"],
      "--temperature is not an option of --method erm"),
-    (["--data", "{data}"], "--target is required"),
     (["--data", "{data}", "--target", "sketch", "--method", "kd", "--teacher",
       "ViT-B-32:openai"], "cannot be fetched"),
     (["--data", "{data}", "--target", "sketch", "--optimizer", "lion"], "--optimizer 'lion'"),
@@ -228,3 +227,47 @@ def test_usage_errors_are_one_line_and_version_prints() -> None:
         assert args[-1] in error_line(proc)
     proc = dgkit("--version", check=True)
     assert proc.stdout.strip() == f"dgkit {dgkit_version}"
+
+
+def test_no_target_trains_on_every_domain_and_exports(tiny_domains, tmp_path):
+    """`dgkit distill --data DIR` as the design card types it: every domain is a source, the
+    student is selected by source validation, and export validates what it can."""
+    proc = dgkit("distill", "--data", tiny_domains, "--steps", "3", "--eval-every", "3",
+                 *TINY, cwd=tmp_path, check=True)
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]
+    assert run.name.endswith("-erm-all-domains")
+    config = json.loads((run / "run.json").read_text())
+    assert config["train"]["targets"] == []
+    assert config["source_domains"] == ["cartoon", "photo", "sketch"]
+    summary = json.loads((run / "summary.json").read_text())
+    (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(row["source_val"]) == {"cartoon", "photo", "sketch"}
+    assert summary["target_accuracy"] == {} and summary["target_accuracy_mean"] is None
+    assert summary["source_val_accuracy"] == row["source_val"]
+    assert "--target all" in " ".join(proc.stderr.split())  # how to estimate the unseen domain
+    export = dgkit("export", "--latency-runs", "0", cwd=tmp_path)
+    assert export.returncode == 0, export.stderr
+    assert "trained on every domain" in " ".join(export.stdout.split() + export.stderr.split())
+    report = json.loads((run / "export" / "report.json").read_text())
+    assert report["targets"] == [] and report["sets"] == ["source_val"] and report["passed"]
+    onnx_row = next(a for a in report["artifacts"] if a["key"] == "onnx-fp32")
+    assert onnx_row["agreement_by_set"] == {"source_val": 100.0}
+
+
+def test_a_long_cpu_run_is_announced_with_its_estimate(tiny_domains, tmp_path, monkeypatch,
+                                                       capfd):
+    """After the first steps on a CPU, a run estimated past SLOW_HOURS says how long it takes
+    and which settings fit; a run under it says nothing."""
+    from dgkit import api
+    from dgkit.distill import trainer
+    from dgkit.train_config import TrainConfig
+
+    config = dict(data=str(tiny_domains), targets=["sketch"], steps=4, image_size=32,
+                  student_weights="none", batch_size=12, device="cpu")
+    api.train(TrainConfig(**config), tmp_path / "fast", quiet=True)
+    assert "warning" not in capfd.readouterr().err
+    monkeypatch.setattr(trainer, "SLOW_HOURS", 0.0)
+    api.train(TrainConfig(**config), tmp_path / "slow", quiet=True)
+    err = " ".join(capfd.readouterr().err.split())
+    assert "(4 steps of 12 images at 32 px) take about" in err
+    assert "--steps 300 --image-size 96 --batch-size 24" in err
