@@ -134,7 +134,7 @@ def predictions(run: Logits, pixels: np.ndarray) -> np.ndarray:
 def measure(args: argparse.Namespace) -> None:
     run, export = RunDir(args.run), args.run / "export"
     require_export(run, "model.onnx", "model.int8.onnx")
-    _, _, _, sets = run_context(run, None, args.max_images)
+    _, _, sets = run_context(run, None, args.max_images)
     fp32 = file_candidate(export / "model.onnx").run
     reference = {s.name: predictions(fp32, s.pixels) for s in sets}
     rows = []

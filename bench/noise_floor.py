@@ -56,7 +56,7 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> None:
     run, export = RunDir(args.run), args.run / "export"
     require_export(run, "model.onnx")
-    _, _, _, sets = run_context(run, None, args.max_images)
+    _, _, sets = run_context(run, None, args.max_images)
     fp32 = file_candidate(export / "model.onnx").run
     # The TensorRT flavour runs as validate runs it: its exact QDQ reference.
     int8 = {p.name: file_candidate(p).run for p in sorted(export.glob("model.int8*.onnx"))}

@@ -379,7 +379,7 @@ def run_info(run: RunDir, config: RunConfig, summary: Summary | None) -> RunInfo
     else:
         info.notes.append("the run has no summary.json yet, so there are no training "
                           "accuracies to show")
-    report = read_record(run.report, "validation report") if run.report_json.is_file() else None
+    report = read_record(run.report, "validation report")  # None: absent or unreadable
     if report is not None:
         exported = report_rows(report, targets)
         info.rows.extend(exported)

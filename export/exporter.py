@@ -57,7 +57,7 @@ def require_export(run: RunDir, *names: str) -> None:
 
 
 def run_context(run: RunDir, data_root: Path | None, max_images: int | None):
-    """The run's config, its validation sets (decoded once) and the data they came from."""
+    """The run's config, the data its validation sets came from, and the sets (decoded once)."""
     from dgkit.export.images import eval_sets, load_data
 
     config = run.require_trained()
@@ -65,7 +65,7 @@ def run_context(run: RunDir, data_root: Path | None, max_images: int | None):
     data = load_data(root, [*config.target_domains, *config.source_domains], config.classes)
     sets = eval_sets(data, config.classes, config.target_domains, config.source_domains,
                      config.seed, config.preprocess, max_images)
-    return config, data, config.preprocess, sets
+    return config, data, sets
 
 
 @dataclass
@@ -78,6 +78,7 @@ class _Export:
     data: Any  # DomainData of the run's domains
     student: Any  # the torch student
     parity: Any  # uint8 images the FP32 export is checked on
+    fp32_model: Any = None  # the FP32 ONNX graph in memory, which FP16 is converted from
     written: dict[str, Path] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
 
@@ -101,18 +102,17 @@ def _write_onnx(x: _Export, fmts: list[Format]) -> None:
     with atomic_path(x.path(fmt)) as tmp:
         onnx.save_model(model, str(tmp))
         diff = ox.check_parity(tmp, reference, x.parity)
+    x.fp32_model = model
     x.wrote(fmt, f" (parity with torch on {len(x.parity)} images: max |logit diff| {diff:.1e}, "
                  "same top-1)")
 
 
 def _write_fp16(x: _Export, fmts: list[Format]) -> None:
-    import onnx
-
     from dgkit.export import onnx_export as ox
 
     (fmt,) = fmts
-    model = onnx.load(str(x.written["onnx-fp32"]))
-    ox.save_onnx(ox.to_fp16(model, ox.model_meta(x.run, x.config, fmt.precision)), x.path(fmt))
+    meta = ox.model_meta(x.run, x.config, fmt.precision)
+    ox.save_onnx(ox.to_fp16(x.fp32_model, meta), x.path(fmt))
     x.wrote(fmt)
 
 
@@ -185,7 +185,7 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     started = time.perf_counter()
     # Without validation only the parity images are needed: 32 from each validation set.
     limit = opts.max_images if opts.validate else ox.PARITY_IMAGES // 2
-    config, data, _, sets = run_context(run, opts.data, limit)
+    config, data, sets = run_context(run, opts.data, limit)
     if not config.target_domains:
         console.print(f"{run.path.name} was trained on every domain: validation can check the "
                       "source validation split only; check a new domain with dgkit validate "
@@ -246,7 +246,7 @@ def validate_run(run: RunDir, data: Path | None, max_images: int | None, max_dro
     if not artifacts:
         raise DgkitError(f"{run.export} holds no exported model; run dgkit export {run.path} "
                          "first")
-    _, _, _, sets = run_context(run, data, max_images)
+    _, _, sets = run_context(run, data, max_images)
     from dgkit.distill.students import load_student
 
     student = load_student(run)
