@@ -1,14 +1,38 @@
 """Every option of a training run and its default, once: `dgkit distill`, `dgkit bench dg`,
-the quickstart and run.json all read them from `TrainConfig`. Imports only the standard library
-(the CLI reads the defaults at start-up)."""
+the quickstart and run.json all read them from `TrainConfig`. The field defaults are the fast
+recipe; `dgkit.recipes` holds the authors' (paper) recipe of each method. Imports only the
+standard library (the CLI reads the defaults at start-up)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from dgkit.errors import DgkitError
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation: random resized crop (area range, aspect 3/4 to 4/3), horizontal
+    flip, colour jitter (brightness, contrast and saturation factors in 1 +- jitter, hue shift in
+    +- hue of a turn) and random grayscale."""
+
+    scale: tuple[float, float]
+    jitter: float
+    hue: float
+    grayscale: float
+
+
+AUGMENTATIONS = {
+    # DomainBed's (domainbed/datasets.py): ColorJitter(0.3, 0.3, 0.3, 0.3).
+    "domainbed": Augmentation((0.7, 1.0), 0.3, 0.3, 0.1),
+    # The fast recipe's: DomainBed's without the hue shift.
+    "domainbed-nohue": Augmentation((0.7, 1.0), 0.3, 0.0, 0.1),
+    # RISE's (data/data_helper.py): RandomResizedCrop(scale=(0.8, 1)), ColorJitter(.4, .4, .4, .4).
+    "rise": Augmentation((0.8, 1.0), 0.4, 0.4, 0.1),
+}
 
 
 @dataclass
@@ -26,14 +50,25 @@ class TrainConfig:
     templates: list[str] | None = None
     class_names_file: str | None = None
     seed: int = 0
+    # The recipe the other values came from, and the options given on top of it.
+    recipe: str = "fast"
+    overrides: list[str] = field(default_factory=list)
     steps: int = 3000
+    # When set, the number of steps is this many passes over the source training images at
+    # --batch-size, resolved against the data before training (RISE's 20 epochs).
+    epochs: float | None = None
     batch_size: int = 96
+    # When set, the batch is this many images from each source domain (DomainBed's 32).
+    batch_per_domain: int | None = None
     image_size: int = 224
+    augment: str = "domainbed-nohue"
     lr: float = 3e-4
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     momentum: float = 0.9
     schedule: str = "cosine"
+    # --schedule step: the fractions of the schedule at which the learning rate drops x0.1.
+    lr_drops: list[float] = field(default_factory=lambda: [1 / 3, 2 / 3])
     warmup_steps: int | None = None
     eval_every: int | None = None
     checkpoint_every: int | None = None
@@ -56,9 +91,10 @@ class TrainConfig:
     compile: bool = False
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "step", "constant"),
+        "recipe": ("paper", "fast"), "optimizer": ("adamw", "adam", "sgd"),
+        "schedule": ("cosine", "step", "constant"),
         "average": ("none", "ema", "swa", "sma", "swad"), "teacher_mode": ("cached", "online"),
-        "precision": ("auto", "fp32", "bf16")}
+        "precision": ("auto", "fp32", "bf16"), "augment": tuple(AUGMENTATIONS)}
 
     def __post_init__(self) -> None:
         for name, choices in self.CHOICES.items():
@@ -66,8 +102,8 @@ class TrainConfig:
                 raise DgkitError(f"--{name.replace('_', '-')} '{getattr(self, name)}' is not "
                                  f"one of: {', '.join(choices)}")
         least = {"steps": 1, "batch_size": 1, "image_size": 1, "eval_every": 1,
-                 "checkpoint_every": 1, "warmup_steps": 0, "sma_start": 0, "swad_n_converge": 1,
-                 "swad_n_tolerance": 1, "swad_bn_batches": 0}
+                 "checkpoint_every": 1, "warmup_steps": 0, "sma_start": 0, "batch_per_domain": 1,
+                 "swad_n_converge": 1, "swad_n_tolerance": 1, "swad_bn_batches": 0}
         for name, low in least.items():
             value = getattr(self, name)
             if value is not None and value < low:
@@ -75,9 +111,26 @@ class TrainConfig:
                                  f"{value}")
         if not 0 < self.lr < float("inf"):  # nan fails both comparisons
             raise DgkitError(f"--lr must be a positive number, got {self.lr}")
+        if self.epochs is not None and not 0 < self.epochs < float("inf"):
+            raise DgkitError(f"--epochs must be a positive number, got {self.epochs}")
+        if not all(0 < f < 1 for f in self.lr_drops):
+            raise DgkitError(f"lr_drops must be fractions between 0 and 1, got {self.lr_drops}")
         if not 0 <= self.swad_tolerance_ratio < float("inf"):
             raise DgkitError("--swad-tolerance-ratio must be a number >= 0, got "
                              f"{self.swad_tolerance_ratio}")
+
+    def for_data(self, sources: int, train_images: int) -> TrainConfig:
+        """The batch and step count for `sources` source domains holding `train_images`
+        training images, where the recipe gives them per domain or in epochs."""
+        batch = self.batch_size if self.batch_per_domain is None else (
+            self.batch_per_domain * sources)
+        steps = self.steps if self.epochs is None else max(
+            1, math.ceil(self.epochs * train_images / batch))
+        return dataclasses.replace(self, batch_size=batch, steps=steps)
+
+    @property
+    def augmentation(self) -> Augmentation:
+        return AUGMENTATIONS[self.augment]
 
     @property
     def warmup(self) -> int:
@@ -96,4 +149,5 @@ class TrainConfig:
 
 def train_default(name: str) -> Any:
     """TrainConfig's default for option `name`: the CLI's defaults are read from here."""
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default

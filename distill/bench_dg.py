@@ -46,28 +46,36 @@ def bench_dg(
     methods: Annotated[str, typer.Option(help="Comma-separated methods (see dgkit methods).")
                        ] = "erm,kd,rise,scmd,vl2v,psd",
     seeds: Annotated[int, typer.Option(help="Seeds 0..N-1 for every method and target.")] = 3,
+    grid: Annotated[bool, typer.Option(
+        help="Run the authors' hyper-parameter grid of each method that has one (RISE: "
+             "data/hp_search/<dataset>.txt, chosen by the data folder's name) and keep, per "
+             "seed and target, the point with the best source validation.")] = False,
     out: Annotated[Path | None, typer.Option(
         help="Benchmark folder; finished runs in it are reused (default: "
              "runs/bench-dg-<date>).")] = None,
+    recipe: opt.Recipe = "paper",
     student: opt.Student = DEFAULT("student"),
     student_weights: opt.StudentWeights = DEFAULT("student_weights"),
     teacher: opt.Teacher = None,
-    teacher_mode: opt.TeacherMode = DEFAULT("teacher_mode"),
+    teacher_mode: opt.TeacherMode = None,
     templates: opt.Templates = None,
     class_names: opt.ClassNames = None,
-    steps: opt.Steps = DEFAULT("steps"),
-    batch_size: opt.BatchSize = DEFAULT("batch_size"),
+    steps: opt.Steps = None,
+    epochs: opt.Epochs = None,
+    batch_size: opt.BatchSize = None,
+    batch_per_domain: opt.BatchPerDomain = None,
     image_size: opt.ImageSize = DEFAULT("image_size"),
-    lr: opt.Lr = DEFAULT("lr"),
-    optimizer: opt.Optimizer = DEFAULT("optimizer"),
-    weight_decay: opt.WeightDecay = DEFAULT("weight_decay"),
-    schedule: opt.Schedule = DEFAULT("schedule"),
+    augment: opt.Augment = None,
+    lr: opt.Lr = None,
+    optimizer: opt.Optimizer = None,
+    weight_decay: opt.WeightDecay = None,
+    schedule: opt.Schedule = None,
     warmup_steps: opt.WarmupSteps = None,
     eval_every: opt.EvalEvery = None,
     checkpoint_every: opt.CheckpointEvery = None,
-    average: opt.Average = DEFAULT("average"),
+    average: opt.Average = None,
     ema_decay: opt.EmaDecay = DEFAULT("ema_decay"),
-    sma_start: opt.SmaStart = DEFAULT("sma_start"),
+    sma_start: opt.SmaStart = None,
     swad_n_converge: opt.SwadNConverge = DEFAULT("swad_n_converge"),
     swad_n_tolerance: opt.SwadNTolerance = DEFAULT("swad_n_tolerance"),
     swad_tolerance_ratio: opt.SwadToleranceRatio = DEFAULT("swad_tolerance_ratio"),
@@ -83,10 +91,12 @@ def bench_dg(
 
     distributed.init()  # under torchrun every run is data-parallel; rank 0 writes the table
     try:
-        _bench(data, methods, seeds, out, quiet, _options_by_method(methods, ctx.args), dict(
+        _bench(data, methods, seeds, grid, out, quiet, _options_by_method(methods, ctx.args),
+               dict(
             student=student, student_weights=student_weights, teacher=teacher,
             teacher_mode=teacher_mode, templates=templates, class_names_file=class_names,
-            steps=steps, batch_size=batch_size, image_size=image_size, lr=lr,
+            recipe=recipe, steps=steps, epochs=epochs, batch_size=batch_size,
+            batch_per_domain=batch_per_domain, image_size=image_size, augment=augment, lr=lr,
             optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
             warmup_steps=warmup_steps, eval_every=eval_every, checkpoint_every=checkpoint_every,
             average=average, ema_decay=ema_decay, sma_start=sma_start,
@@ -113,7 +123,18 @@ def _options_by_method(methods: str, args: list[str]) -> dict[str, dict[str, str
     return out
 
 
-def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
+def grid_points(method: str, data: Path) -> tuple[str, tuple[dict[str, float], ...]]:
+    """The method's grid for the dataset in folder `data` (matched by name: PACS, VLCS,
+    OfficeHome, TerraIncognita), or its grid for other datasets; ("", ({},)) without one."""
+    from dgkit.distill.methods import get_method
+
+    grids = get_method(method).grids
+    plain = lambda name: "".join(c for c in name.lower() if c.isalnum())  # noqa: E731
+    name = next((n for n in grids if n and plain(n) == plain(data.name)), "")
+    return name or "other datasets", grids.get(name, ({},))
+
+
+def _bench(data: Path, methods: str, seeds: int, grid: bool, out: Path | None, quiet: bool,
            options: dict[str, dict[str, str]], settings: dict[str, Any]) -> None:
     from dgkit.atomic import write_json, write_text
     from dgkit.data import discover
@@ -145,21 +166,42 @@ def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
     out = out or Path("runs") / f"bench-dg-{stamp}"
     accuracy: dict[str, dict[int, dict[str, float]]] = {}
     runs: dict[str, dict[int, dict[str, str]]] = {}
+    grids: dict[str, dict[str, Any]] = {}
     plumbing = False
     for name in names:
+        points: tuple[dict[str, Any], ...] = ({},)
+        if grid and get_method(name).grids:
+            grid_name, points = grid_points(name, data)
+            clash = sorted(set(options.get(name, {})) & set(points[0]))
+            if clash:
+                raise DgkitError(f"--grid sets {name}'s {', '.join(clash)}; leave out "
+                                 f"--{name}-{clash[0].replace('_', '-')}")
+            grids[name] = {"grid": grid_name, "points": points, "chosen": {}}
         for seed in range(seeds):
             for domain in domains:
-                path = out / "runs" / f"{name}-seed{seed}-{domain}"
-                if distributed.is_main():
-                    console.rule(f"{name}, seed {seed}, target {domain}")
-                summary = run_one(dict(settings, method=name, hparams=options.get(name, {}),
-                                       seed=seed, targets=[domain]), path, out, quiet)
-                if not summary:  # torchrun ranks other than 0
+                best = None  # RISE's evaluate_results.py: per target, the best source val
+                for k, point in enumerate(points):
+                    tag = f"{name}-grid{k}" if len(points) > 1 else name
+                    path = out / "runs" / f"{tag}-seed{seed}-{domain}"
+                    if distributed.is_main():
+                        console.rule(f"{tag}, seed {seed}, target {domain}")
+                    summary = run_one(dict(settings, method=name, seed=seed, targets=[domain],
+                                           hparams={**options.get(name, {}), **point}),
+                                      path, out, quiet)
+                    if not summary:  # torchrun ranks other than 0
+                        continue
+                    plumbing = plumbing or summary.plumbing_check
+                    if best is None or (summary.source_val_accuracy_mean >
+                                        best[0].source_val_accuracy_mean):
+                        best = (summary, k, path)
+                if best is None:
                     continue
+                summary, k, path = best
                 accuracy.setdefault(name, {}).setdefault(seed, {})[domain] = (
                     summary.target_accuracy[domain])
                 runs.setdefault(name, {}).setdefault(seed, {})[domain] = str(path)
-                plumbing = plumbing or summary.plumbing_check
+                if name in grids:
+                    grids[name]["chosen"].setdefault(seed, {})[domain] = k
     if not distributed.is_main():
         return
     from dgkit.provenance import provenance
@@ -169,7 +211,8 @@ def _bench(data: Path, methods: str, seeds: int, out: Path | None, quiet: bool,
               "seeds": list(range(seeds)),
               "selection": "training-domain validation (target accuracy at the step with the "
                            "best mean source-validation accuracy)",
-              "settings": settings, "method_options": options, "plumbing_check": plumbing,
+              "settings": settings, "method_options": options, "grids": grids,
+              "plumbing_check": plumbing,
               "results": {n: table_row(accuracy[n], domains) for n in names}, "runs": runs}
     write_json(out / "dg_table.json", result)
     write_text(out / "dg_table.md", markdown(result))
@@ -183,11 +226,12 @@ def run_one(config: dict[str, Any], path: Path, root: Path, quiet: bool) -> Summ
     from dgkit.distill import distributed
     from dgkit.distill.trainer import Trainer
     from dgkit.progress import console
+    from dgkit.recipes import train_config
     from dgkit.rundir import RunDir
-    from dgkit.train_config import TrainConfig
 
     say = console.print if distributed.is_main() else (lambda *args: None)
-    config = TrainConfig(**config)
+    config = train_config(config.pop("recipe"), {k: v for k, v in config.items()
+                                                 if v is not None})
     run = RunDir(path)
     if run.run_json.is_file():
         _check_same(Trainer(config, run=None, quiet=True), run)
@@ -207,7 +251,7 @@ def _check_same(trainer, run) -> None:
 
     from dgkit.distill.methods import hparams_dict
 
-    wanted = dataclasses.asdict(trainer.config)
+    wanted = dataclasses.asdict(trainer.run_config().train)  # resolved against the data
     wanted["hparams"] = hparams_dict(trainer.hparams)
     wanted = json.loads(json.dumps(wanted))
     stored = json.loads(json.dumps(dataclasses.asdict(run.config().train)))
@@ -242,8 +286,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Leave-one-domain-out (DomainBed protocol)", "",
         f"Data: `{result['data']}`; student {s['student']} ({s['student_weights']} weights); "
-        f"teacher {s['teacher'] or 'default (ViT-B-32:openai where a method needs one)'}; "
-        f"{s['steps']} steps, batch {s['batch_size']}, image {s['image_size']} px; seeds "
+        f"{s.get('recipe', 'fast')} recipe (`dgkit methods NAME`); teacher "
+        f"{s['teacher'] or 'per recipe'}; steps {s['steps'] or 'per recipe'}, batch "
+        f"{s['batch_size'] or 'per recipe'}, image {s['image_size']} px; seeds "
         f"{', '.join(map(str, result['seeds']))}.", "",
         "Model selection: training-domain validation. Cells: target-domain accuracy (%), mean "
         "± sample standard deviation over seeds.", "",
@@ -254,6 +299,12 @@ def markdown(result: dict[str, Any]) -> str:
         row = result["results"][name]
         cells = [_cell(row["target_accuracy"][d]) for d in domains] + [_cell(row["average"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, g in result.get("grids", {}).items():
+        lines += ["", f"{name}: the authors' grid for {g['grid']} ({len(g['points'])} points), "
+                  "the point with the best source validation kept per seed and target: "
+                  + "; ".join(f"seed {seed} {d}: {g['points'][k]}"
+                              for seed, chosen in g["chosen"].items()
+                              for d, k in chosen.items())]
     if result["plumbing_check"]:
         lines += ["", "**Plumbing check:** the teacher has no published weights (a random or "
                   "custom checkpoint), so these accuracies say nothing about the methods."]

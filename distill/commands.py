@@ -55,10 +55,11 @@ def distill(
         help="Domain to hold out (repeatable), or 'all' for leave-one-domain-out; none: "
              "train the student to deploy on every domain.")] = None,
     method: opt.Method = DEFAULT("method"),
+    recipe: opt.Recipe = "paper",
     student: opt.Student = DEFAULT("student"),
     student_weights: opt.StudentWeights = DEFAULT("student_weights"),
     teacher: opt.Teacher = None,
-    teacher_mode: opt.TeacherMode = DEFAULT("teacher_mode"),
+    teacher_mode: opt.TeacherMode = None,
     templates: opt.Templates = None,
     class_names: opt.ClassNames = None,
     out: Annotated[Path | None, typer.Option(
@@ -66,19 +67,22 @@ def distill(
     resume: Annotated[Path | None, typer.Option(
         help="Continue an interrupted run from its last checkpoint.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    steps: opt.Steps = DEFAULT("steps"),
-    batch_size: opt.BatchSize = DEFAULT("batch_size"),
+    steps: opt.Steps = None,
+    epochs: opt.Epochs = None,
+    batch_size: opt.BatchSize = None,
+    batch_per_domain: opt.BatchPerDomain = None,
     image_size: opt.ImageSize = DEFAULT("image_size"),
-    lr: opt.Lr = DEFAULT("lr"),
-    optimizer: opt.Optimizer = DEFAULT("optimizer"),
-    weight_decay: opt.WeightDecay = DEFAULT("weight_decay"),
-    schedule: opt.Schedule = DEFAULT("schedule"),
+    augment: opt.Augment = None,
+    lr: opt.Lr = None,
+    optimizer: opt.Optimizer = None,
+    weight_decay: opt.WeightDecay = None,
+    schedule: opt.Schedule = None,
     warmup_steps: opt.WarmupSteps = None,
     eval_every: opt.EvalEvery = None,
     checkpoint_every: opt.CheckpointEvery = None,
-    average: opt.Average = DEFAULT("average"),
+    average: opt.Average = None,
     ema_decay: opt.EmaDecay = DEFAULT("ema_decay"),
-    sma_start: opt.SmaStart = DEFAULT("sma_start"),
+    sma_start: opt.SmaStart = None,
     swad_n_converge: opt.SwadNConverge = DEFAULT("swad_n_converge"),
     swad_n_tolerance: opt.SwadNTolerance = DEFAULT("swad_n_tolerance"),
     swad_tolerance_ratio: opt.SwadToleranceRatio = DEFAULT("swad_tolerance_ratio"),
@@ -94,7 +98,6 @@ def distill(
     require_extra("train", "torch")
     from dgkit.distill import distributed
     from dgkit.teacher_spec import TeacherSpec
-    from dgkit.train_config import TrainConfig
 
     distributed.init()
     extra = method_options(ctx.args)
@@ -113,7 +116,8 @@ def distill(
                 teacher_mode=teacher_mode,
                 templates=template_list,
                 class_names_file=str(class_names.resolve()) if class_names else None, seed=seed,
-                steps=steps, batch_size=batch_size, image_size=image_size, lr=lr,
+                steps=steps, epochs=epochs, batch_size=batch_size,
+                batch_per_domain=batch_per_domain, image_size=image_size, augment=augment, lr=lr,
                 optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
                 warmup_steps=warmup_steps, eval_every=eval_every,
                 checkpoint_every=checkpoint_every, average=average, ema_decay=ema_decay,
@@ -121,16 +125,18 @@ def distill(
                 swad_n_tolerance=swad_n_tolerance, swad_tolerance_ratio=swad_tolerance_ratio,
                 swad_bn_batches=swad_bn_batches,
                 precision=precision, device=device, skip_bad=skip_bad, compile=compile)
+    base = {k: v for k, v in base.items() if v is not None}  # None: the recipe's value
     # One name on every rank under torchrun.
     stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
     out = out or Path("runs") / f"{stamp}-{method}-{'+'.join(target) or 'all-domains'}"
     try:
         if target == ["all"]:
-            _leave_one_domain_out(base, out, overwrite, quiet)
+            _leave_one_domain_out(recipe, base, out, overwrite, quiet)
         else:
             from dgkit import api
+            from dgkit.recipes import train_config
 
-            summary = api.train(TrainConfig(targets=list(target), **base), out,
+            summary = api.train(train_config(recipe, {**base, "targets": list(target)}), out,
                                 overwrite=overwrite, quiet=quiet)
             _print_summary(summary, out)
     finally:
@@ -149,20 +155,21 @@ def read_templates(path: Path) -> list[str]:
     return lines
 
 
-def _leave_one_domain_out(base: dict, parent: Path, overwrite: bool, quiet: bool) -> None:
+def _leave_one_domain_out(recipe: str, base: dict, parent: Path, overwrite: bool, quiet: bool
+                          ) -> None:
     from rich.table import Table
 
     from dgkit import api
     from dgkit.atomic import write_json
     from dgkit.data import discover
     from dgkit.progress import console
-    from dgkit.train_config import TrainConfig
+    from dgkit.recipes import train_config
 
     domains = discover(base["data"]).domains
     results = {}
     for domain in domains:
         console.rule(f"target: {domain}")
-        summary = api.train(TrainConfig(targets=[domain], **base), parent / domain,
+        summary = api.train(train_config(recipe, {**base, "targets": [domain]}), parent / domain,
                             overwrite=overwrite, quiet=quiet, runs_root=parent.parent)
         if summary:  # None on torchrun ranks other than 0
             results[domain] = summary.target_accuracy_mean
@@ -242,8 +249,13 @@ def data_check(
         raise typer.Exit(1)
 
 
-def methods() -> None:
-    """List the distillation methods and their options with the authors' defaults."""
+def methods(
+    method: Annotated[str | None, typer.Argument(
+        help="Show this method's recipe: every training value and where it comes from.")
+    ] = None,
+    recipe: opt.Recipe = "paper",
+) -> None:
+    """List the distillation methods, or show one method's recipe with its sources."""
     import dataclasses
 
     from rich.table import Table
@@ -251,7 +263,20 @@ def methods() -> None:
     require_extra("train", "torch")
     from dgkit.distill.methods import get_method, method_names
     from dgkit.progress import console
+    from dgkit.recipes import settings
 
+    if method is not None:  # plain lines on stdout: the sources are long, and worth grepping
+        cls = get_method(method)
+        rows = [(_option(name), _shown(setting.value), setting.source)
+                for name, setting in settings(recipe, method).items()]
+        rows += [(f"--{f.name.replace('_', '-')}", _shown(f.default),
+                  cls.sources.get(f.name, "dgkit")) for f in dataclasses.fields(cls.Hparams)]
+        print(f"dgkit distill --method {method} --recipe {recipe}  ({cls.summary})")
+        for option, value, source in rows:
+            print(f"  {option:<22} {value:<16} {source}")
+        print("Options given to dgkit distill override the recipe's values; run.json records "
+              "the recipe and the overrides.")
+        return
     table = Table(title="dgkit distill --method NAME [--option value ...]")
     for column in ("method", "teacher", "what it does", "options (default)"):
         table.add_column(column)
@@ -261,6 +286,21 @@ def methods() -> None:
                             for f in dataclasses.fields(cls.Hparams))
         table.add_row(name, "yes" if cls.needs_teacher else "no", cls.summary, options or "-")
     console.print(table)
+    console.print("dgkit methods NAME shows a method's recipe, each value with its source.")
+
+
+def _option(name: str) -> str:
+    """The distill option that sets a recipe value; momentum and lr_drops are set only by
+    recipes (and the Python API)."""
+    return name if name in ("momentum", "lr_drops") else f"--{name.replace('_', '-')}"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(map(_shown, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "-" if value is None else str(value)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

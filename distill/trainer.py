@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import TextColumn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from dgkit import __version__
 from dgkit.atomic import atomic_path
@@ -58,15 +58,19 @@ def step_seed(seed: int, step: int, what: str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def lr_factor(config: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine to zero, steps of 0.1 at 1/3 and 2/3, or constant."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+def lr_factor(config: TrainConfig, step: int, start: int = 0, end: int | None = None
+              ) -> float:
+    """Linear warm-up, then cosine to zero, x0.1 at each of --lr-drops, or constant, over the
+    stage of steps [start, end) (the whole run unless the method has stages)."""
+    step, length = step - start, (config.steps if end is None else end) - start
+    warmup = min(config.warmup, length)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, length - warmup)
     if config.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     if config.schedule == "step":
-        return 0.1 ** int(progress * 3)
+        return 0.1 ** sum(progress >= drop for drop in config.lr_drops)
     return 1.0
 
 
@@ -186,6 +190,10 @@ class Trainer:
         self.method_cls = get_method(config.method)
         self.hparams = parse_hparams(self.method_cls, config.hparams)
         if (fixed := self.method_cls.total_steps(self.hparams)) is not None:
+            if "steps" in config.overrides and config.steps != fixed:
+                raise DgkitError(f"--steps does not apply to --method {config.method}: its "
+                                 f"length is fixed by its own options ({fixed} steps); see "
+                                 f"dgkit methods {config.method}")
             config.steps = fixed
         if self.method_cls.needs_teacher and not config.teacher:
             config.teacher = DEFAULT_TEACHER
@@ -271,21 +279,31 @@ class Trainer:
         return student, method, spec
 
     # ---------------------------------------------------------------- the loop
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def _optimizer(self, params: list[torch.nn.Parameter], method: Any
+                   ) -> torch.optim.Optimizer:
+        """One parameter group at the run's learning rate, plus the method's own groups (SCMD's
+        logit scale); each group's `base_lr` is scaled by the schedule every step."""
         cfg = self.config
+        own = method.param_groups()
+        taken = {id(p) for group in own for p in group["params"]}
+        groups = [{"params": [p for p in params if id(p) not in taken], "base_lr": cfg.lr},
+                  *({**group, "base_lr": group["lr"],
+                     "params": [p for p in group["params"] if p.requires_grad]} for group in own)]
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=True)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=self.device.type == "cuda")
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)  # RISE's: no Nesterov
+        kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        return kind(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    fused=self.device.type == "cuda")
 
-    def _averager(self, student: Student) -> Any:
-        """torch's AveragedModel for ema and swa; SMA and SWAD from `averaging`."""
+    def _averager(self, student: Student, start: int = 0) -> Any:
+        """torch's AveragedModel for ema and swa; SMA and SWAD from `averaging`. `start` is the
+        first step of the stage the average belongs to."""
         from torch.optim import swa_utils
 
         cfg = self.config
         if cfg.average == "sma":
-            return SMA(student, cfg.sma_start)
+            return SMA(student, start + cfg.sma_start)
         if cfg.average == "swad":
             return SWAD(LossValley(cfg.swad_n_converge, cfg.swad_n_tolerance,
                                    cfg.swad_tolerance_ratio))
@@ -307,8 +325,31 @@ class Trainer:
         sampler = DomainSampler(
             [prep.train_rows[(prep.domains[train_rows] == d).cpu().numpy()]
              for d in prep.source_ids], self.config.batch_size, self.config.seed)
-        return Session(prep, student, method, params, self._optimizer(params),
+        return Session(prep, student, method, params, self._optimizer(params, method),
                        self._averager(student), sampler)
+
+    def _stage(self, s: Session, step: int) -> tuple[int, int]:
+        """[start, end) of the method's stage that `step` belongs to."""
+        starts = [*s.method.stage_starts(), self.config.steps]
+        k = max(i for i, b in enumerate(starts[:-1]) if b <= step)
+        return starts[k], starts[k + 1]
+
+    def _begin_stage(self, s: Session, state: dict, step: int) -> None:
+        """A new stage starts from the previous stage's best-validation weights (VL2V's stage 2
+        loads stage 1's best checkpoint), with a fresh optimiser and average; model selection
+        then considers this stage alone."""
+        distributed.broadcast_object(None)  # rank 0 has written the best weights
+        if state["best"] is not None:
+            best = load_file(self.run.student, device=str(self.device))
+            s.student.load_state_dict(best)
+        s.optimizer = self._optimizer(s.params, s.method)
+        s.averager = self._averager(s.student, start=step)
+        if not self.quiet:
+            where = ("" if state["best"] is None else
+                     f" from the best-validation weights of step {state['best']['step']}")
+            console.print(f"stage {s.method.stage_starts().index(step) + 1} starts at step "
+                          f"{step}{where}, with a fresh optimiser")
+        state["best"] = None
 
     def step(self, s: Session, step: int) -> dict[str, torch.Tensor]:
         """One optimisation step; every random choice is seeded by (seed, step)."""
@@ -319,7 +360,7 @@ class Trainer:
         rows = to_device(torch.from_numpy(s.sampler.batch(step)), device)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, "augment"))
         torch.manual_seed(step_seed(cfg.seed, step, "torch"))
-        images = augment(prep.pixels[rows], gen, cfg.image_size)
+        images = augment(prep.pixels[rows], gen, cfg.image_size, cfg.augmentation)
         if distributed.world() > 1:  # the same global batch everywhere; one slice each
             mine = slice(distributed.rank(), None, distributed.world())
             rows, images = rows[mine], images[mine]
@@ -335,8 +376,10 @@ class Trainer:
             batch.teacher_embeddings = emb
             batch.teacher_logits = TEACHER_LOGIT_SCALE * emb @ prep.text.T
         batch = s.method.select(s.student, batch)
+        start, end = self._stage(s, step)
+        factor = lr_factor(cfg, step, start, end)
         for group in s.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, step)
+            group["lr"] = group["base_lr"] * factor
         with torch.autocast(device.type, torch.bfloat16, enabled=self.bf16):
             features = s.student.features(batch.images)
             logits = s.student.head(features)
@@ -349,8 +392,8 @@ class Trainer:
         s.method.after_step(step)
         if isinstance(s.averager, SMA | SWAD):
             s.averager.update(s.student, step)
-        elif s.averager is not None and (cfg.average == "ema"
-                                         or step + 1 >= cfg.swa_start * cfg.steps):
+        elif s.averager is not None and (cfg.average == "ema" or step + 1 - start >= (
+                cfg.swa_start * (end - start))):
             s.averager.update_parameters(s.student)
         return terms
 
@@ -374,10 +417,14 @@ class Trainer:
         try:
             if bar:
                 bar.start()
+            stage_ends = s.method.stage_starts()[1:] + [cfg.steps]
             swad = s.averager if isinstance(s.averager, SWAD) else None
-            while step < cfg.steps and not (swad and swad.dead):
+            while step < cfg.steps:
                 if stop.requested:
                     raise KeyboardInterrupt
+                if step in stage_ends:
+                    self._begin_stage(s, state, step)
+                swad = s.averager if isinstance(s.averager, SWAD) else None
                 terms = self.step(s, step)
                 step += 1
                 if step == first + SLOW_CHECK_STEPS and main:
@@ -385,7 +432,8 @@ class Trainer:
                 for k, v in terms.items():
                     running[k] = running.get(k, 0.0) + v.detach()
                 counted += 1
-                evaluate = main and (step % cfg.eval_interval == 0 or step == cfg.steps)
+                boundary = step % cfg.eval_interval == 0 or step in stage_ends
+                evaluate = main and boundary
                 if evaluate or time.perf_counter() > next_report:  # twice a second at most
                     next_report = time.perf_counter() + 0.5
                     losses = {k: v.item() / counted for k, v in running.items()}
@@ -404,13 +452,18 @@ class Trainer:
                     if swad:
                         swad.evaluated(row["source_val_loss_mean"])
                     running, counted, tick = {}, 0, time.perf_counter()
-                if swad and (step % cfg.eval_interval == 0 or step == cfg.steps) and \
-                        distributed.broadcast_object(swad.dead if main else None):
-                    if not self.quiet:  # rank 0 decides; every rank stops with it
+                if swad and boundary and distributed.broadcast_object(
+                        swad.dead if main else None):  # rank 0 decides; every rank follows
+                    end = next(e for e in stage_ends if e >= step)
+                    if not self.quiet:
+                        what = "training" if end == cfg.steps else "this stage"
                         console.print(f"SWAD: the validation loss left its valley by step {step}"
-                                      "; training stops there, as the authors' does")
-                    break
-                if main and step % cfg.checkpoint_interval == 0 and step < cfg.steps:
+                                      f"; {what} stops there, as the authors' does")
+                    if end == cfg.steps:
+                        break
+                    step = end
+                if main and (step % cfg.checkpoint_interval == 0 or step in stage_ends) and \
+                        step < cfg.steps:
                     state["step"] = step
                     self._save_checkpoint(state, s)
             if swad and main:
@@ -443,8 +496,9 @@ class Trainer:
         cfg = self.config
         console.print(f"[yellow]warning:[/] on this CPU these settings ({cfg.steps} steps of "
                       f"{cfg.batch_size} images at {cfg.image_size} px) take about {hours:.1f} "
-                      "h; for a first try pass --steps 300 --image-size 96 --batch-size 24 (as "
-                      "dgkit quickstart does), or train on a GPU", soft_wrap=True)
+                      "h; for a first try pass --recipe fast --steps 300 --image-size 96 "
+                      "--batch-size 24 (as dgkit quickstart does), or train on a GPU",
+                      soft_wrap=True)
 
     # ---------------------------------------------------------------- evaluation
     def _measure(self, prep: Prepared, model: torch.nn.Module) -> dict[str, Any]:
@@ -540,7 +594,7 @@ class Trainer:
             rows = to_device(torch.from_numpy(s.sampler.batch(k)), self.device)
             gen = torch.Generator().manual_seed(step_seed(cfg.seed, k, "augment"))
             torch.manual_seed(step_seed(cfg.seed, k, "torch"))
-            images = augment(prep.pixels[rows], gen, cfg.image_size)
+            images = augment(prep.pixels[rows], gen, cfg.image_size, cfg.augmentation)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images
@@ -612,10 +666,12 @@ class Trainer:
     # ---------------------------------------------------------------- run.json
     def run_config(self) -> RunConfig:
         """run.json; checks the data, the targets and the student's name before any work."""
+        data = discover(self.config.data)
+        _, source_ids = check_targets(data, self.config.targets)
+        check_student_name(self.config.student)
+        train_idx, _ = split_sources(data, source_ids, self.config.seed)
+        self.config = self.config.for_data(len(source_ids), len(train_idx))
         cfg = dataclasses.replace(self.config, hparams=hparams_dict(self.hparams))
-        data = discover(cfg.data)
-        check_targets(data, cfg.targets)
-        check_student_name(cfg.student)
         return RunConfig(
             train=cfg,
             data_root=str(data.root.resolve()),

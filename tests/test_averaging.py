@@ -381,6 +381,7 @@ def test_cli_options_reach_the_run(tiny_domains, tmp_path):
         "swad_tolerance_ratio": 0.1, "swad_bn_batches": 2}
     assert json.loads((out / "summary.json").read_text())["selection"].startswith("SWAD")
     bench = inspect.signature(bench_dg).parameters
-    for name in ("sma_start", "swad_n_converge", "swad_n_tolerance", "swad_tolerance_ratio",
+    for name in ("swad_n_converge", "swad_n_tolerance", "swad_tolerance_ratio",
                  "swad_bn_batches"):
         assert bench[name].default == train_default(name)
+    assert bench["sma_start"].default is None  # the recipe's

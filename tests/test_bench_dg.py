@@ -105,3 +105,57 @@ def test_one_seed_shows_no_spread() -> None:
               "settings": {"student": "s", "student_weights": "none", "teacher": None,
                            "steps": 1, "batch_size": 1, "image_size": 32}}
     assert "| erm | 70.0 | 60.0 | 65.0 |" in markdown(result)
+
+
+def test_rise_grids_are_the_authors_per_dataset():
+    from pathlib import Path
+
+    from dgkit.distill.bench_dg import grid_points
+
+    def combos(points):
+        return {(p["distill_weight"], p["ce_weight"], p["distance_weight"]) for p in points}
+
+    pacs_like = {(kd, ce, d) for kd, ce in ((0.9, 0.1), (0.8, 0.2)) for d in (0.5, 1.0, 2.0)}
+    for folder, grid, expected in (
+            ("PACS", "PACS", pacs_like), ("vlcs", "VLCS", pacs_like),
+            ("office_home", "OfficeHome",
+             {(kd, ce, d) for kd, ce in ((0.2, 0.8), (0.1, 0.9)) for d in (0.5, 1.0, 2.0)}),
+            ("TerraIncognita", "TerraIncognita",
+             {(kd, ce, d) for kd, ce in ((0.2, 0.8), (0.3, 0.7)) for d in (0.5, 1.0, 2.0)}),
+            ("mydomains", "other datasets", pacs_like)):
+        name, points = grid_points("rise", Path("/data") / folder)
+        assert name == grid and len(points) == 6 and combos(points) == expected
+    assert grid_points("erm", Path("/data/PACS")) == ("other datasets", ({},))
+
+
+@pytest.mark.slow
+def test_bench_dg_grid_keeps_the_best_source_validation_point(domains_copy, tiny_teacher,
+                                                               tmp_path, monkeypatch):
+    from dgkit.cli import app
+    from dgkit.distill.methods import get_method
+
+    shutil.rmtree(domains_copy / "photo")  # two domains: cartoon, sketch
+    points = ({"distill_weight": 0.9, "ce_weight": 0.1, "distance_weight": 1.0},
+              {"distill_weight": 0.0, "ce_weight": 1.0, "distance_weight": 0.0})
+    monkeypatch.setattr(get_method("rise"), "grids", {"": points})
+    out = tmp_path / "bench"
+    args = ["bench", "dg", "--data", str(domains_copy), "--methods", "rise", "--seeds", "1",
+            "--grid", "--teacher", tiny_teacher, "--student", "timm:test_resnet",
+            "--student-weights", "none", "--image-size", "32", "--batch-size", "6", "--steps",
+            "3", "--lr", "1e-2", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "dg_table.json").read_text())
+    assert table["grids"]["rise"]["grid"] == "other datasets"
+    for domain in ("cartoon", "sketch"):
+        summaries = [json.loads((out / "runs" / f"rise-grid{k}-seed0-{domain}" / "summary.json")
+                                .read_text()) for k in (0, 1)]
+        hparams = [json.loads((out / "runs" / f"rise-grid{k}-seed0-{domain}" / "run.json")
+                              .read_text())["train"]["hparams"] for k in (0, 1)]
+        assert [h["ce_weight"] for h in hparams] == [0.1, 1.0]
+        vals = [s["source_val_accuracy_mean"] for s in summaries]
+        best = 0 if vals[0] >= vals[1] else 1  # ties keep the first point, as a stable sort
+        assert table["grids"]["rise"]["chosen"]["0"][domain] == best
+        cell = table["results"]["rise"]["target_accuracy"][domain]
+        assert cell["per_seed"] == [summaries[best]["target_accuracy"][domain]]
+    assert "the authors' grid for other datasets (2 points)" in (out / "dg_table.md").read_text()

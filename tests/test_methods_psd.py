@@ -87,10 +87,13 @@ def test_ema_targets_average_the_student_and_survive_a_checkpoint():
         assert_close(avg, 0.9 * old + 0.1 * now)
     b = batch([0, 1], [0, 1], step=5)
     b.images = torch.rand(2, 3, 8, 8)
+    onehot = torch.eye(3)[[0, 1]]
+    assert torch.equal(method.soft_targets(b), onehot)  # first visit: the label alone, as PS-KD
+    method.losses(student, None, student(b.images), b)  # the visit marks them seen
     with torch.no_grad():
         p = torch.softmax(method.ema.eval()(b.images), dim=1)
     a = method.alpha_at(5)
-    assert_close(method.soft_targets(b), (1 - a) * torch.eye(3)[[0, 1]] + a * p)
+    assert_close(method.soft_targets(b), (1 - a) * onehot + a * p)
     # a resumed method gets the stored average back when it makes its copy
     resumed = PSD(hp, context())
     resumed.load_state_dict(method.state_dict())
@@ -110,7 +113,7 @@ def test_base_method_terms_are_added():
     p, q = torch.softmax(z_t / 3, dim=1), torch.softmax(logits / 3, dim=1)
     assert_close(terms["kd"], 9 * (p * (p.log() - q.log())).sum(1).mean())
     assert_close(terms["psd"], 0.5 * soft_ce(torch.eye(3)[[0, 2]], logits))
-    assert PSD.total_steps(PSD.Hparams(base="vl2v")) == 10000
+    assert PSD.total_steps(PSD.Hparams(base="vl2v")) == 5001 + 5001
     assert PSD.total_steps(PSD.Hparams()) is None
     with pytest.raises(DgkitError, match="--teacher"):
         PSD(PSD.Hparams(base="kd"), context())

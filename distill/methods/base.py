@@ -64,6 +64,11 @@ class Method(nn.Module):
     head: ClassVar[str] = "linear"  # linear, projected or text
     # Prompt templates this method's authors used; None means the run's ensemble (RISE's).
     templates: ClassVar[Sequence[str] | None] = None
+    # Where each Hparams default comes from (a file in the authors' repository).
+    sources: ClassVar[dict[str, str]] = {}
+    # The authors' hyper-parameter search per dataset (`dgkit bench dg --grid`): dataset name ->
+    # the option values of each grid point; "" is the grid for any other dataset.
+    grids: ClassVar[dict[str, tuple[dict[str, float], ...]]] = {}
 
     @dataclass
     class Hparams:
@@ -78,6 +83,16 @@ class Method(nn.Module):
     def total_steps(cls, hparams: Any) -> int | None:
         """Steps the method needs regardless of --steps (e.g. VL2V's two stages), or None."""
         return None
+
+    def stage_starts(self) -> list[int]:
+        """First step of each stage (VL2V: align, then distill). A new stage starts from the
+        previous one's best-validation weights with a fresh optimiser and is selected alone."""
+        return [0]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups with their own learning rate (and weight decay), e.g. SCMD's logit
+        scale; every other parameter trains at the run's learning rate."""
+        return []
 
     def head_kind(self) -> str:
         """The kind of the deployable student's head (`dgkit.distill.students.build_head`)."""

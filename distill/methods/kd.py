@@ -17,6 +17,8 @@ class KD(Method):
     name = "kd"
     summary = "cross-entropy plus Hinton KD from the teacher's zero-shot logits"
     needs_teacher = True
+    sources = {"temperature": "dgkit: T = 3 as RISE (data/hp_search/PACS.txt) and SCMD "
+                              "(hparams_registry.py:100)"}
 
     @dataclass
     class Hparams:

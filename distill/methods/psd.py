@@ -50,6 +50,9 @@ class PSD(Method):
     summary = ("progressive self-distillation (PS-KD): targets mix the label with the model's "
                "own earlier prediction; no teacher; --base adds a CLIP method's terms")
     needs_teacher = False
+    sources = {"alpha": "lgcnsai/PS-KD-Pytorch main.py:69 (alpha_T), :323 (the ramp)",
+               "previous": "lgcnsai/PS-KD-Pytorch main.py:420-432 (the last epoch's "
+                           "prediction of each image)"}
 
     @dataclass
     class Hparams:
@@ -80,7 +83,8 @@ class PSD(Method):
         self.base = base
         rows = ctx.num_images if hparams.previous == "epoch" else 0
         self.register_buffer("previous", torch.zeros(rows, ctx.num_classes))
-        self.register_buffer("seen", torch.zeros(rows, dtype=torch.bool))
+        # Images visited before: the rest get one-hot targets, also under --previous ema.
+        self.register_buffer("seen", torch.zeros(ctx.num_images, dtype=torch.bool))
         self.ema: nn.Module | None = None  # --previous ema: a copy of the student, made lazily
         self._pending_ema: dict[str, torch.Tensor] | None = None
 
@@ -90,6 +94,12 @@ class PSD(Method):
             return None
         base = get_method(hparams.base)
         return base.total_steps(base.Hparams())
+
+    def stage_starts(self) -> list[int]:
+        return [0] if self.base is None else self.base.stage_starts()
+
+    def param_groups(self):
+        return [] if self.base is None else self.base.param_groups()
 
     def head_kind(self) -> str:
         return self.head if self.base is None else self.base.head_kind()
@@ -107,14 +117,13 @@ class PSD(Method):
     def soft_targets(self, batch: Batch) -> torch.Tensor:
         """(1 - a_t) * onehot(y) + a_t * p_prev(x); rows sum to one."""
         onehot = F.one_hot(batch.labels, self.ctx.num_classes).float()
+        seen = self.seen[batch.indices].unsqueeze(1)
         if self.hp.previous == "ema":
-            previous = onehot
-            if self.ema is not None:
-                with torch.no_grad():
-                    previous = F.softmax(self.ema.eval()(batch.images).float(), dim=-1)
+            with torch.no_grad():
+                previous = F.softmax(self.ema.eval()(batch.images).float(), dim=-1)
         else:
-            seen = self.seen[batch.indices].unsqueeze(1)
-            previous = torch.where(seen, self.previous[batch.indices], onehot)
+            previous = self.previous[batch.indices]
+        previous = torch.where(seen, previous, onehot)
         a = self.alpha_at(batch.step)
         return (1.0 - a) * onehot + a * previous
 
@@ -144,19 +153,20 @@ class PSD(Method):
         target = self.soft_targets(batch)
         soft_ce = -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
         terms["psd"] = self.hp.weight * soft_ce
-        if self.hp.previous == "epoch":
-            self.remember(batch.indices, F.softmax(logits.detach().float(), dim=-1))
+        self.remember(batch.indices, F.softmax(logits.detach().float(), dim=-1))
         return terms
 
     @torch.no_grad()
     def remember(self, indices: torch.Tensor, probs: torch.Tensor) -> None:
-        """Store this step's predictions; under torchrun every rank stores every rank's slice,
-        so the tables stay identical (and rank 0's checkpoint holds them all)."""
+        """Mark the images seen and store this step's predictions; under torchrun every rank
+        stores every rank's slice, so the tables stay identical (rank 0's checkpoint holds
+        them all)."""
         if distributed.world() > 1:
             parts = distributed.all_gather_object((indices.cpu(), probs.cpu()))
             indices = torch.cat([i for i, _ in parts]).to(self.previous.device)
             probs = torch.cat([p for _, p in parts]).to(self.previous.device)
-        self.previous[indices] = probs
+        if self.hp.previous == "epoch":
+            self.previous[indices] = probs
         self.seen[indices] = True
 
     def after_step(self, step):

@@ -55,6 +55,23 @@ class RISE(Method):
     head = "projected"
     templates = None  # the RISE prompt ensemble, dgkit's default
 
+    sources = {
+        "temperature": "WisconsinAIVision/RISE data/hp_search/PACS.txt:1-6 (column 1)",
+        "distill_weight": ("WisconsinAIVision/RISE data/hp_search/PACS.txt:3 (one of the "
+                           "PACS and VLCS grid's 6)"),
+        "ce_weight": "WisconsinAIVision/RISE data/hp_search/PACS.txt:3",
+        "distance_weight": "WisconsinAIVision/RISE data/hp_search/PACS.txt:3",
+        "anchors": "WisconsinAIVision/RISE train_rise.py:62-69",
+    }
+
+    grids = {name: tuple({"distill_weight": kd, "ce_weight": ce, "distance_weight": dist}
+                         for dist in (0.5, 1.0, 2.0) for kd, ce in pairs)
+             for name, pairs in {  # WisconsinAIVision/RISE data/hp_search/<dataset>.txt
+                 "PACS": ((0.9, 0.1), (0.8, 0.2)), "VLCS": ((0.9, 0.1), (0.8, 0.2)),
+                 "OfficeHome": ((0.2, 0.8), (0.1, 0.9)),
+                 "TerraIncognita": ((0.2, 0.8), (0.3, 0.7)),
+                 "": ((0.9, 0.1), (0.8, 0.2))}.items()}
+
     @dataclass
     class Hparams:
         temperature: float = 3.0

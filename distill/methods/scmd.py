@@ -19,9 +19,11 @@ the official ResNet student does; --freeze-bn false lets them adapt (dgkit's erm
 
 P and s belong to the method: they are trained and checkpointed, not exported.
 
-Deviations: D is the teacher's embedding width; s is trained with the run's learning rate and
-schedule, where the official code gives it its own Adam group with lr 1e-4; under torchrun each
-rank keeps the top fraction of its own slice of the batch.
+s trains in its own optimiser group at --logit-scale-lr (the official 1e-4) without weight
+decay, scaled by the run's schedule.
+
+Deviations: D is the teacher's embedding width; under torchrun each rank keeps the top fraction
+of its own slice of the batch.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dgkit.distill.methods.base import Batch, Method, MethodContext, kd_loss, re
 from dgkit.errors import DgkitError
 
 MAX_LOGIT_SCALE = math.log(100.0)
+_REGISTRY = "SeanLeng1/SCMD DomainBed/domainbed/hparams_registry.py"
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -53,6 +56,15 @@ class SCMD(Method):
                "hardest samples of each batch for most of training")
     needs_teacher = True
     templates = ("this is a photo of a {}",)
+    sources = {
+        "temperature": f"{_REGISTRY}:100",
+        "kd_weight": f"{_REGISTRY}:96",
+        "cm_weight": f"{_REGISTRY}:97",
+        "select_fraction": f"{_REGISTRY}:99 (worst_case_p)",
+        "select_until": f"{_REGISTRY}:98 (1 - last_k_epoch), algorithms.py:1281",
+        "freeze_bn": "SeanLeng1/SCMD DomainBed/domainbed/networks.py:176-190",
+        "logit_scale_lr": "SeanLeng1/SCMD DomainBed/domainbed/algorithms.py:1255",
+    }
 
     @dataclass
     class Hparams:
@@ -62,6 +74,7 @@ class SCMD(Method):
         select_fraction: float = 0.2  # worst_case_p
         select_until: float = 0.75  # 1 - last_k_epoch
         freeze_bn: bool = True
+        logit_scale_lr: float = 1e-4
 
         def __post_init__(self) -> None:
             if not 0.0 < self.select_fraction <= 1.0:
@@ -96,6 +109,10 @@ class SCMD(Method):
                 m.training = mode
         order = torch.sort(loss, descending=True, stable=True).indices
         return batch.subset(order[:keep])
+
+    def param_groups(self):
+        return [{"params": [self.logit_scale], "lr": self.hp.logit_scale_lr,
+                 "weight_decay": 0.0}]
 
     def set_trainable(self, student, step):
         if self.hp.freeze_bn:

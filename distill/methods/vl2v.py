@@ -10,15 +10,17 @@ distill_clip.py`: DFC_STAGE1 then DFC_STAGE2, whose stage 2 starts from stage 1'
 
 Stage 1 (align, --align-steps): only P trains; the backbone is frozen and kept in eval mode so
 its BatchNorm statistics do not move. Stage 2 (distill, --distill-steps): P is frozen, the
-backbone trains. One `dgkit distill --method vl2v` runs both; the run is their sum of steps
-(--steps is ignored). The head holds t as a buffer, so the exported student is one module.
+backbone trains, starting from stage 1's best-validation weights with a fresh optimiser (the
+official trainer loads stage 1's `TE{env}_best.pth`); stage 2 alone is selected and, with
+--average, averaged, so the exported student is always a stage-2 model. One `dgkit distill
+--method vl2v` runs both; the run is their sum of steps. The head holds t as a buffer, so the
+exported student is one module.
 
 --freeze-bn (default true) keeps BatchNorm in eval mode in stage 2 too, as the official
 DomainBed ResNet featurizer does; --freeze-bn false lets the statistics adapt (dgkit's erm/kd).
 
 Deviations: D is the teacher's embedding width (the code's table: 512 for ViT-B/16); the
-learning-rate schedule (--schedule) spans both stages, where the official code runs each stage
-with its own constant-rate Adam; the CutMix branch (off by default there) is not implemented.
+CutMix branch (off by default there) is not implemented.
 """
 
 from __future__ import annotations
@@ -42,12 +44,21 @@ class VL2V(Method):
     needs_teacher = True
     head = "text"
     templates = ("a photo of a {}",)
+    sources = {
+        "lam": "val-iisc/VL2V-ADiP train_all.py:84",
+        "align_steps": "val-iisc/VL2V-ADiP domainbed/datasets/datasets.py:62 (N_STEPS 5001), "
+                       "train_all.py:225-231; scripts/*/run_stage1.sh pass no --steps",
+        "distill_steps": "val-iisc/VL2V-ADiP domainbed/datasets/datasets.py:62, "
+                         "scripts/*/run_stage2.sh",
+        "freeze_bn": "val-iisc/VL2V-ADiP domainbed/hparams_registry.py:26, "
+                     "domainbed/networks/networks.py:87-92",
+    }
 
     @dataclass
     class Hparams:
         lam: float = 0.5  # weight of the image term; 1 - lam on the text term
-        align_steps: int = 5000  # stage 1 (DomainBed's default run length)
-        distill_steps: int = 5000  # stage 2
+        align_steps: int = 5001  # stage 1
+        distill_steps: int = 5001  # stage 2
         freeze_bn: bool = True
 
         def __post_init__(self) -> None:
@@ -65,6 +76,10 @@ class VL2V(Method):
     def init_head(self, head: nn.Module) -> None:
         with torch.no_grad():
             head.text.copy_(self.ctx.text_embeddings)
+
+    def stage_starts(self) -> list[int]:
+        hp = self.hp
+        return [0, hp.align_steps] if hp.align_steps and hp.distill_steps else [0]
 
     def stage(self, step: int) -> int:
         return 1 if step < self.hp.align_steps else 2
