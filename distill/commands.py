@@ -20,6 +20,7 @@ EXAMPLES = """
 Examples:
   dgkit distill --data ../shared/datasets/PACS --target sketch --method erm --steps 300
   dgkit distill --data ./mydomains --target sketch --method kd --temperature 4
+  dgkit distill --data ./mydomains --target sketch --method scmd --recipe fast  # quick run
   dgkit distill --data ./mydomains --target all --method erm      # leave-one-domain-out
   dgkit distill --resume runs/latest                              # continue after Ctrl-C
   dgkit distill --data ./d --target s --teacher ViT-B-32:/ckpts/open_clip_model.safetensors

@@ -30,7 +30,7 @@ Teacher = Annotated[str | None, typer.Option(
     help="open_clip MODEL:PRETRAINED or MODEL:/path/to/checkpoint" + RECIPE)]
 TeacherMode = Annotated[str | None, typer.Option(
     help="online: the teacher sees the student's augmented view, as in the papers; cached: it "
-         "embeds each image once, un-augmented, which is several times faster" + RECIPE)]
+         "embeds each image once, un-augmented, which trains about twice as fast" + RECIPE)]
 Templates = Annotated[Path | None, typer.Option(
     help="Prompt templates file, one per line with {} for the class name "
          "(default: the method's authors' prompts, else RISE's ensemble).")]

@@ -265,6 +265,22 @@ def test_trainer_sma_exports_the_average_at_the_selected_step(tiny_domains, tmp_
     assert "SWAD" not in summary["selection"]
 
 
+def kill_at(monkeypatch, method: str, step: int):
+    """Make training die as step `step` begins, as a killed process would; returns the undo."""
+    from dgkit.distill.methods import get_method
+
+    cls = get_method(method)
+    original = cls.set_trainable
+
+    def killed(self, student, index):
+        if index == step:
+            raise RuntimeError("killed")
+        return original(self, student, index)
+
+    monkeypatch.setattr(cls, "set_trainable", killed)
+    return lambda: monkeypatch.setattr(cls, "set_trainable", original)
+
+
 def scripted_losses(monkeypatch, losses: dict[int, float]) -> None:
     """The validation loss SWAD sees at each evaluation step, whatever the network's."""
     from dgkit.distill.trainer import Trainer
@@ -323,27 +339,18 @@ def test_trainer_swad_exports_the_window_average_with_fresh_batchnorm(tiny_domai
 def test_resume_mid_swad_matches_an_uninterrupted_run(tiny_domains, tmp_path, monkeypatch):
     """Killed at step 11 (segment 5 half done, segment 4 pending above the threshold), resumed
     from the checkpoint of step 9: the same bytes as a run never stopped."""
-    from dgkit.distill.methods import get_method
     from dgkit.distill.trainer import Trainer
 
     scripted_losses(monkeypatch, SWAD_LOSSES)
     cfg = lambda: config(tiny_domains, checkpoint_every=3, **SWAD_OPTIONS)  # noqa: E731
     Trainer(cfg(), whole := new_run(tmp_path, "whole"), quiet=True).train()
 
-    erm = get_method("erm")
-    original = erm.set_trainable
-
-    def killed_at_11(self, student, step):
-        if step == 11:
-            raise RuntimeError("killed")
-        return original(self, student, step)
-
-    monkeypatch.setattr(erm, "set_trainable", killed_at_11)
+    revive = kill_at(monkeypatch, "erm", 11)
     run = new_run(tmp_path, "killed")
     with pytest.raises(RuntimeError, match="killed"):
         Trainer(cfg(), run, quiet=True).train()
     assert torch.load(run.checkpoint, weights_only=True)["step"] == 9
-    monkeypatch.setattr(erm, "set_trainable", original)
+    revive()
     Trainer(cfg(), run, quiet=True).train(resume=True)
     assert run.student.read_bytes() == whole.student.read_bytes()
     assert (run.path / "summary.json").read_text() == (whole.path / "summary.json").read_text()

@@ -234,28 +234,19 @@ def test_vl2v_swad_exports_a_stage_two_average(tiny_domains, tiny_teacher, tmp_p
 @pytest.mark.parametrize("killed_at", [5, 7])  # last checkpoint: the stage boundary; stage 2
 def test_vl2v_resumes_across_stages_exactly(tiny_domains, tiny_teacher, tmp_path, monkeypatch,
                                             killed_at):
-    from test_averaging import new_run
+    from test_averaging import kill_at, new_run
 
-    from dgkit.distill.methods import get_method
     from dgkit.distill.trainer import Trainer
 
     cfg = lambda: vl2v_config(tiny_domains, tiny_teacher, checkpoint_every=2,  # noqa: E731
                               average="swad", swad_bn_batches=1)
     Trainer(cfg(), whole := new_run(tmp_path, "whole"), quiet=True).train()
-    vl2v = get_method("vl2v")
-    original = vl2v.set_trainable
-
-    def killed(self, student, step):
-        if step == killed_at:
-            raise RuntimeError("killed")
-        return original(self, student, step)
-
-    monkeypatch.setattr(vl2v, "set_trainable", killed)
+    revive = kill_at(monkeypatch, "vl2v", killed_at)
     run = new_run(tmp_path, "killed")
     with pytest.raises(RuntimeError, match="killed"):
         Trainer(cfg(), run, quiet=True).train()
     assert torch.load(run.checkpoint, weights_only=True)["step"] == killed_at - 1
-    monkeypatch.setattr(vl2v, "set_trainable", original)
+    revive()
     Trainer(cfg(), run, quiet=True).train(resume=True)
     assert run.student.read_bytes() == whole.student.read_bytes()
     assert (run.path / "summary.json").read_text() == (whole.path / "summary.json").read_text()
@@ -277,3 +268,17 @@ def test_scmd_logit_scale_has_its_own_learning_rate(tiny_domains, tiny_teacher, 
     assert main["base_lr"] == 5e-5
     assert all(p is not s.method.logit_scale for p in main["params"])
     assert len(main["params"]) + 1 == len(s.params)
+
+
+@pytest.mark.parametrize("method", ["kd", "rise", "scmd", "psd"])
+def test_swad_works_for_every_method(method, tiny_domains, tiny_teacher, tmp_path):
+    from test_averaging import new_run
+
+    from dgkit.distill.trainer import Trainer
+
+    cfg = TrainConfig(data=str(tiny_domains), targets=["sketch"], method=method,
+                      teacher=tiny_teacher, student="timm:test_resnet", student_weights="none",
+                      steps=4, batch_size=6, image_size=32, eval_every=1, average="swad",
+                      swad_n_converge=1, swad_bn_batches=1)
+    summary = Trainer(cfg, new_run(tmp_path, method), quiet=True).train()
+    assert summary.finished and summary.selection.startswith("SWAD")
