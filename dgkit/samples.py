@@ -7,6 +7,12 @@ Position, scale, rotation and colour are random within each domain. Image `n` of
 class depends only on (seed, domain, class, n): the same seed gives byte-identical files (with
 the same numpy and Pillow), and `--per-class 10` draws the first 10 images of `--per-class 60`.
 
+`--shortcut P` builds a world where ERM fails: every image gets a coloured mark in its top-left
+corner whose colour is its class's with probability P (another class's otherwise) in every domain
+but `--shortcut-free` (sketch), where the colour is random. A student that reads the mark is
+right on P of the source images and at chance on the held-out domain; the shape is the only cue
+that transfers.
+
 Imported at every CLI start, so only typer and the standard library are imported at the top;
 numpy and PIL are imported inside the functions.
 """
@@ -35,6 +41,10 @@ DOMAINS = ("cartoon", "painting", "photo", "sketch")
 FORMAT = 1  # bump when the drawings change, so cached copies are known to differ
 SUPERSAMPLE = 2  # drawn at 2x and downsampled: anti-aliased edges
 MANIFEST = "samples.json"
+# The shortcut mark's colour per class (in CLASSES order): far apart in hue and brightness.
+CUE_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
+               (70, 240, 240))
+CUE_SIZE = 0.22  # the mark's side as a fraction of the image side
 
 
 # ---------------------------------------------------------------- geometry
@@ -354,23 +364,41 @@ def _painting(cls: str, rng: np.random.Generator, canvas: int) -> Image.Image:
 STYLES = {"cartoon": _cartoon, "painting": _painting, "photo": _photo, "sketch": _sketch}
 
 
-def draw_sample(domain: str, cls: str, index: int, seed: int = 0, size: int = 128
-                ) -> Image.Image:
-    """Image `index` of (`domain`, `cls`): size x size RGB, a pure function of its arguments."""
-    from PIL import Image
+def draw_sample(domain: str, cls: str, index: int, seed: int = 0, size: int = 128,
+                cue: int | None = None) -> Image.Image:
+    """Image `index` of (`domain`, `cls`): size x size RGB, a pure function of its arguments;
+    with `cue`, the top-left mark in CUE_COLOURS[cue]."""
+    from PIL import Image, ImageDraw
 
     if domain not in STYLES:
         raise DgkitError(f"unknown sample domain '{domain}'; the domains are "
                          f"{', '.join(DOMAINS)}")
     canvas = size * SUPERSAMPLE
     img = STYLES[domain](cls, _rng(seed, domain, cls, index), canvas)
-    return img.resize((size, size), Image.Resampling.LANCZOS)
+    img = img.resize((size, size), Image.Resampling.LANCZOS)
+    if cue is not None:
+        side = max(2, round(CUE_SIZE * size))
+        ImageDraw.Draw(img).rectangle([0, 0, side - 1, side - 1], fill=CUE_COLOURS[cue])
+    return img
+
+
+def cue_of(domain: str, cls: str, index: int, seed: int, shortcut: float, free: str) -> int:
+    """The mark's class colour: the image's own class with probability `shortcut` outside the
+    shortcut-free domain (another class, uniformly, otherwise); uniform in that domain."""
+    rng = _rng(seed, f"cue:{domain}", cls, index)
+    own = CLASSES.index(cls)
+    if domain == free:
+        return int(rng.integers(len(CLASSES)))
+    if rng.random() < shortcut:
+        return own
+    return int((own + 1 + rng.integers(len(CLASSES) - 1)) % len(CLASSES))
 
 
 # ---------------------------------------------------------------- writing the folder
 
 def make_samples(root: str | Path, seed: int = 0, per_class: int = 60, size: int = 128,
-                 overwrite: bool = False, quiet: bool = False) -> Path:
+                 overwrite: bool = False, quiet: bool = False, shortcut: float | None = None,
+                 shortcut_free: str = "sketch") -> Path:
     """Write `root/<domain>/<class>/<n>.png` and `root/samples.json`; return `root`.
 
     The images are drawn into a temporary folder beside `root` and moved in at the end, so an
@@ -383,6 +411,11 @@ def make_samples(root: str | Path, seed: int = 0, per_class: int = 60, size: int
         raise DgkitError(f"--per-class must be at least 1, got {per_class}")
     if not 16 <= size <= 1024:
         raise DgkitError(f"--size must be between 16 and 1024 pixels, got {size}")
+    if shortcut is not None and not 0.0 <= shortcut <= 1.0:
+        raise DgkitError(f"--shortcut must be between 0 and 1, got {shortcut}")
+    if shortcut_free not in DOMAINS:
+        raise DgkitError(f"--shortcut-free '{shortcut_free}' is not one of the domains: "
+                         f"{', '.join(DOMAINS)}")
     if root.exists() and not root.is_dir():
         raise DgkitError(f"{root} exists and is not a folder")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
@@ -402,10 +435,15 @@ def make_samples(root: str | Path, seed: int = 0, per_class: int = 60, size: int
         width = len(str(per_class - 1))
         label = None if quiet else f"Drawing {len(jobs)} sample images"
         for d, c, n in track(jobs, len(jobs), label):
-            draw_sample(d, c, n, seed, size).save(tmp / d / c / f"{n:0{width}d}.png")
+            cue = None if shortcut is None else cue_of(d, c, n, seed, shortcut, shortcut_free)
+            draw_sample(d, c, n, seed, size, cue).save(tmp / d / c / f"{n:0{width}d}.png")
         manifest = {"generator": "dgkit.samples", "format": FORMAT, "seed": seed,
                     "per_class": per_class, "size": size, "domains": list(DOMAINS),
                     "classes": list(CLASSES)}
+        if shortcut is not None:
+            manifest["shortcut"] = {"probability": shortcut, "free_domain": shortcut_free,
+                                    "mark": "top-left square", "size": CUE_SIZE,
+                                    "colours": dict(zip(CLASSES, CUE_COLOURS, strict=True))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         # Move the new files in (the folder itself stays: the user's shell may be in it).
         real.mkdir(exist_ok=True)
@@ -450,6 +488,12 @@ def make(
     per_class: Annotated[int, typer.Option(help="Images per class and domain.")] = 60,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty FOLDER.")] = False,
+    shortcut: Annotated[float | None, typer.Option(
+        help="Add a corner mark whose colour names the class with this probability in every "
+             "domain but --shortcut-free, where it is random: a world where ERM fails.")
+    ] = None,
+    shortcut_free: Annotated[str, typer.Option(
+        help="The domain whose mark is random (hold it out with --target).")] = "sketch",
     sheet: Annotated[Path | None, typer.Option(
         help="Also save a contact sheet PNG (first 8 images of each domain and class).")
     ] = None,
@@ -460,13 +504,14 @@ def make(
     from dgkit.progress import console
 
     root = make_samples(folder, seed=seed, per_class=per_class, size=size, overwrite=overwrite,
-                        quiet=quiet)
+                        quiet=quiet, shortcut=shortcut, shortcut_free=shortcut_free)
     if sheet is not None:
         contact_sheet(root).save(sheet)
     total = per_class * len(CLASSES) * len(DOMAINS)
     console.print(f"wrote {total} images to {root} ({len(DOMAINS)} domains x {len(CLASSES)} "
                   f"classes x {per_class}, {size} px, seed {seed})")
-    console.print(f"next: dgkit distill --data {root} --target sketch")
+    target = shortcut_free if shortcut is not None else "sketch"
+    console.print(f"next: dgkit distill --data {root} --target {target}")
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -23,6 +23,8 @@ RISE_TEMPLATES = (
 # z_t = TEACHER_LOGIT_SCALE * e_img . t^T, as the methods' official code computes teacher logits.
 TEACHER_LOGIT_SCALE = 100.0
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+# Metadata key of a checkpoint `dgkit teacher train` wrote: a trained teacher, not a random one.
+TRAINED_MARK = "dgkit_teacher_train"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,17 @@ class TeacherSpec:
         """`ViT-B-32 (openai)`, or the checkpoint's file name for a local one."""
         shown = Path(self.pretrained).name if self.is_path else self.pretrained
         return f"{self.model} ({shown})"
+
+    def training(self) -> dict | None:
+        """What `dgkit teacher train` recorded in the checkpoint (data, steps), or None."""
+        import json
+
+        from dgkit.records import safetensors_header
+
+        path = self.checkpoint
+        header = safetensors_header(path) if path and path.suffix == ".safetensors" else None
+        mark = ((header or {}).get("__metadata__") or {}).get(TRAINED_MARK)
+        return json.loads(mark) if mark else None
 
     def cache_id(self) -> str:
         """Identifies the weights: the tag, or the checkpoint's size and a hash of its head."""

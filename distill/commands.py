@@ -29,6 +29,38 @@ Method options (see `dgkit methods`) follow as --name value, e.g. --kd-weight 0.
 """
 
 data_app = typer.Typer(help="Inspect a domain dataset.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Train a CLIP teacher on captioned domains.",
+                          no_args_is_help=True)
+
+
+@teacher_app.command("train")
+def teacher_train(
+    data: Annotated[Path, typer.Option(help="Root of <domain>/<class>/<image>; the captions "
+                                            "are made of the domain and class names.")],
+    out: Annotated[Path, typer.Option(help="Folder for teacher.safetensors, its model config "
+                                           "and teacher.json.")],
+    init: Annotated[str | None, typer.Option(
+        help="Fine-tune this CLIP (MODEL:PRETRAINED or MODEL:/path) instead of training the "
+             "small dgkit-world-clip from scratch.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 300,
+    groups: Annotated[int, typer.Option(
+        help="Groups of one image per class in each step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, cosine).")
+                  ] = 1e-3,
+    seed: opt.Seed = 0,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Train a CLIP teacher contrastively (open_clip's loss) on captions such as "a sketch of a
+    circle", made from the folder names; it loads with --teacher MODEL:OUT/teacher.safetensors."""
+    require_extra("train", "torch")
+    from dgkit.distill.teacher_train import TeacherTraining, print_record, train_teacher
+
+    if steps < 1 or groups < 1 or not 0 < lr < float("inf"):
+        raise DgkitError(f"--steps and --groups must be at least 1 and --lr positive, got "
+                         f"{steps}, {groups}, {lr}")
+    record = train_teacher(TeacherTraining(str(data), str(out), init=init, steps=steps,
+                                           groups=groups, lr=lr, seed=seed), quiet=quiet)
+    print_record(record)
 
 
 def method_options(args: list[str]) -> dict[str, str]:
@@ -309,3 +341,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         "allow_extra_args": True, "ignore_unknown_options": True})(distill)
     app.command()(methods)
     app.add_typer(data_app, name="data")
+    app.add_typer(teacher_app, name="teacher")

@@ -625,9 +625,11 @@ class Trainer:
         return summary
 
     def _plumbing_check(self, prep: Prepared) -> bool:
-        """True when the teacher is a local checkpoint of a model with no published weights:
-        its numbers only show that the pipeline runs."""
+        """True when the teacher is a local checkpoint of a model with no published weights
+        that dgkit teacher train did not train: its numbers only show that the pipeline runs."""
         if prep.teacher is None or not prep.teacher.spec.is_path:
+            return False
+        if prep.teacher.spec.training() is not None:
             return False
         import open_clip
 

@@ -79,3 +79,37 @@ def test_the_cli_module_imports_no_numpy_and_making_samples_no_torch(tmp_path):
             f"s.make_samples({str(tmp_path / 'd')!r}, per_class=1, size=16, quiet=True); "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shortcut_mark_names_the_class_except_in_the_free_domain(tmp_path):
+    from dgkit.samples import CUE_COLOURS
+
+    def marks(root, domain):
+        """(class index, mark colour index) of every image, read from its corner pixel."""
+        out = []
+        for c, cls in enumerate(CLASSES):
+            for path in sorted((root / domain / cls).glob("*.png")):
+                pixel = Image.open(path).convert("RGB").getpixel((1, 1))
+                out.append((c, CUE_COLOURS.index(pixel)))
+        return out
+
+    always = make_samples(tmp_path / "always", per_class=12, size=32, quiet=True, shortcut=1.0)
+    for domain in ("cartoon", "painting", "photo"):
+        assert all(c == m for c, m in marks(always, domain))
+    free = marks(always, "sketch")
+    assert sum(c == m for c, m in free) < len(free) / 2  # chance is 1/6
+    assert len({m for _, m in free}) == len(CLASSES)
+    never = make_samples(tmp_path / "never", per_class=12, size=32, quiet=True, shortcut=0.0,
+                         shortcut_free="photo")
+    assert not any(c == m for c, m in marks(never, "sketch"))
+    manifest = json.loads((never / "samples.json").read_text())["shortcut"]
+    assert manifest["probability"] == 0.0 and manifest["free_domain"] == "photo"
+    plain = make_samples(tmp_path / "plain", per_class=1, size=32, quiet=True)
+    assert "shortcut" not in json.loads((plain / "samples.json").read_text())
+
+
+def test_shortcut_options_are_checked(tmp_path):
+    assert "--shortcut must be between 0 and 1" in error_line(
+        dgkit("samples", "make", tmp_path / "a", "--shortcut", "1.5"))
+    assert "--shortcut-free 'clay' is not one of the domains" in error_line(
+        dgkit("samples", "make", tmp_path / "b", "--shortcut", "0.9", "--shortcut-free", "clay"))
