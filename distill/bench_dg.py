@@ -288,7 +288,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Data: `{result['data']}`; student {s['student']} ({s['student_weights']} weights); "
         f"{s.get('recipe', 'fast')} recipe (`dgkit methods NAME`); teacher "
         f"{s['teacher'] or 'per recipe'}; steps {s['steps'] or 'per recipe'}, batch "
-        f"{s['batch_size'] or 'per recipe'}, image {s['image_size']} px; seeds "
+        f"{_batch(s)}, image {s['image_size']} px; seeds "
         f"{', '.join(map(str, result['seeds']))}.", "",
         "Model selection: training-domain validation. Cells: target-domain accuracy (%), mean "
         "± sample standard deviation over seeds.", "",
@@ -309,6 +309,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "**Plumbing check:** the teacher has no published weights (a random or "
                   "custom checkpoint), so these accuracies say nothing about the methods."]
     return "\n".join(lines) + "\n"
+
+
+def _batch(settings: dict[str, Any]) -> str:
+    if settings.get("batch_size"):
+        return str(settings["batch_size"])
+    if settings.get("batch_per_domain"):
+        return f"{settings['batch_per_domain']} per source domain"
+    return "per recipe"
 
 
 def _print(result: dict[str, Any]) -> None:
