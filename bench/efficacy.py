@@ -30,15 +30,6 @@ from dgkit.samples import CLASSES, make_samples
 
 TARGET = "sketch"
 TEACHER_METHODS = ("kd", "rise", "scmd", "vl2v")
-TINY_CLIP_CONFIG = {  # tests/conftest.py's random teacher
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                   "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                 "layers": 1},
-}
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/efficacy"),
@@ -62,7 +53,7 @@ def prepare(args: argparse.Namespace) -> dict[str, str]:
     """The world, the teacher's world, the teachers and the deranged names; reused if there."""
     import torch
 
-    from dgkit.distill.teacher_train import TeacherTraining, train_teacher
+    from dgkit.distill.teacher_train import TeacherTraining, train_teacher, write_random_clip
 
     world, teacher_world = args.out / "world", args.out / "teacher_world"
     if not (world / "samples.json").is_file():
@@ -76,24 +67,13 @@ def prepare(args: argparse.Namespace) -> dict[str, str]:
         torch.set_num_threads(max(1, args.jobs))
         train_teacher(TeacherTraining(str(teacher_world), str(trained),
                                       steps=args.teacher_steps))
-    random = args.out / "random_teacher"
-    if not (random / "tiny_clip.safetensors").is_file():
-        import open_clip
-        from safetensors.torch import save_file
-
-        random.mkdir(parents=True, exist_ok=True)
-        (random / "dgkit-tiny-clip.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-        open_clip.add_model_config(random / "dgkit-tiny-clip.json")
-        torch.manual_seed(0)
-        model = open_clip.create_model("dgkit-tiny-clip")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(random / "tiny_clip.safetensors"))
+    random = write_random_clip(args.out / "random_teacher")
     shuffled = args.out / "shuffled_names.txt"  # every class prompted as the next one
     shuffled.write_text("".join(f"{c}: {CLASSES[(i + 1) % len(CLASSES)]}\n"
                                 for i, c in enumerate(CLASSES)))
     return {"world": str(world),
             "trained": json.loads((trained / "teacher.json").read_text())["teacher"],
-            "random": f"dgkit-tiny-clip:{random / 'tiny_clip.safetensors'}",
+            "random": random,
             "shuffled_names": str(shuffled)}
 
 

@@ -9,17 +9,8 @@ loads through its one teacher path as `dgkit-tiny-clip:OUT/teacher/tiny_clip.saf
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
-
-TINY_CLIP_CONFIG = {  # tests/conftest.py's
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                   "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                 "layers": 1},
-}
 
 
 def main() -> None:
@@ -29,10 +20,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=30)
     args = parser.parse_args()
 
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
+    from dgkit.distill.teacher_train import write_random_clip
     from dgkit.preprocess import IMAGE_SUFFIXES
 
     subset = args.out / "pacs_small"
@@ -43,16 +31,8 @@ def main() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             for image in images[:args.per_class]:
                 shutil.copy2(image, folder / image.name)
-    teacher = args.out / "teacher"
-    teacher.mkdir(parents=True, exist_ok=True)
-    config = teacher / "dgkit-tiny-clip.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    model = open_clip.create_model("dgkit-tiny-clip")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(teacher / "tiny_clip.safetensors"))
-    print(f"wrote {subset} and dgkit-tiny-clip:{teacher / 'tiny_clip.safetensors'}")
+    teacher = write_random_clip(args.out / "teacher")
+    print(f"wrote {subset} and the teacher {teacher}")
 
 
 if __name__ == "__main__":

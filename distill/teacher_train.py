@@ -46,6 +46,15 @@ WORLD_CLIP_CONFIG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4,
                  "layers": 2},
 }
+# A random CLIP for plumbing checks and controls: one layer per tower, 32 wide.
+TINY_CLIP = "dgkit-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                   "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                 "layers": 1},
+}
 # Class-only prompts: the methods' own (SCMD, VL2V-ADiP) and RISE's ensemble.
 CLASS_PROMPTS = ("a photo of a {}.", "this is a photo of a {}", *RISE_TEMPLATES, "a {}.")
 WEIGHTS = "teacher.safetensors"
@@ -63,6 +72,22 @@ class TeacherTraining:
     weight_decay: float = 0.1
     image_size: int | None = None  # default: the model's
     seed: int = 0
+
+
+def write_random_clip(folder: Path, seed: int = 0) -> str:
+    """Save the tiny CLIP with random weights (and its config) in `folder`; returns the
+    `--teacher` that loads it. Its numbers say only that a pipeline runs."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"{TINY_CLIP}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_CLIP)
+    path = folder / "tiny_clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return f"{TINY_CLIP}:{path}"
 
 
 def caption(domain: str, cls: str, rng: np.random.Generator) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,15 +10,6 @@ import pytest
 from PIL import Image, ImageDraw
 
 PACS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "PACS"
-TINY_CLIP = "dgkit-tiny-clip"
-TINY_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                   "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                 "layers": 1},
-}
-
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
@@ -89,16 +79,6 @@ def domains_copy(tiny_domains, tmp_path) -> Path:
 def tiny_teacher(tmp_path_factory) -> str:
     """`MODEL:/path` of a tiny open_clip model with random weights, saved as safetensors and
     loaded back through dgkit's one teacher-loading path."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
+    from dgkit.distill.teacher_train import write_random_clip
 
-    folder = tmp_path_factory.mktemp("teacher")
-    config = folder / f"{TINY_CLIP}.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_CLIP)
-    path = folder / "tiny_clip.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return f"{TINY_CLIP}:{path}"
+    return write_random_clip(tmp_path_factory.mktemp("teacher"))
