@@ -35,6 +35,7 @@ Examples:
   dgkit bench dg --data ../shared/datasets/PACS --methods erm,kd,rise --seeds 3 --out bench/pacs
   dgkit bench dg --data ./d --methods erm,psd --seeds 2 --steps 500 --out bench/d  # again: reuses
   dgkit bench dg --data ./d --methods kd,vl2v --kd-temperature 4 --vl2v-align-steps 50
+  dgkit bench dg --data ../shared/datasets/PACS --methods rise --grid --seeds 3  # RISE's grid
 
 Method options go as --<method>-<option> value and reach only that method's runs.
 """
