@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from dgkit.errors import DgkitError
+from dgkit.errors import DgkitError, Interrupted
 
 HELP = """dgkit distills a CLIP teacher into a small student that keeps working on image domains
 it never saw, exports it (ONNX, FP16, INT8, TensorRT) and serves it on an edge box.
@@ -60,7 +60,7 @@ def main() -> None:
             sys.exit(result)
     except DgkitError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(2)
+        sys.exit(130 if isinstance(exc, Interrupted) else 2)
     except (typer.Abort, KeyboardInterrupt):
         typer.secho("aborted", fg="red", err=True)
         sys.exit(130)

@@ -96,10 +96,21 @@ class RunDir:
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
     def require_trained(self) -> RunConfig:
+        """The run's config, once it has a student; a run whose training stopped early is
+        used as it is, with one line saying so."""
         config = self.config()
         if not self.student.is_file():
             raise DgkitError(f"{self.path} is incomplete: it has no student.safetensors (was "
                              "its training stopped before the first evaluation?)")
+        summary = self.summary()
+        if summary is not None and not summary.finished:
+            from dgkit.progress import console
+
+            reached = max((r["step"] for r in self.read_metrics()), default=0)
+            console.print(f"[yellow]warning:[/] {self.path} has not finished training: it "
+                          f"stopped after step {reached} of {config.train.steps}, so this is "
+                          f"its best student so far (step {summary.best_step}); dgkit distill "
+                          f"--resume {self.path} finishes it", soft_wrap=True)
         return config
 
 

@@ -57,6 +57,15 @@ class Teacher(torch.nn.Module):
         return F.normalize(torch.stack(per_class), dim=-1)
 
 
+def first_sentence(text: str, limit: int = 300) -> str:
+    """The first line of an error, shortened at a word boundary with an ellipsis, never cut
+    mid-word."""
+    line = (text.strip().splitlines() or [""])[0]
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+
+
 def load_teacher(text: str, device: str | torch.device = "cpu") -> Teacher:
     """Load an open_clip teacher from `MODEL:PRETRAINED` or `MODEL:/path/to/checkpoint`."""
     import open_clip
@@ -86,7 +95,7 @@ def load_teacher(text: str, device: str | torch.device = "cpu") -> Teacher:
     except Exception as exc:  # open_clip raises RuntimeError, OSError or hub errors
         if spec.is_path:
             raise DgkitError(f"teacher checkpoint {spec.pretrained} cannot be loaded into "
-                             f"{spec.model}: {str(exc).splitlines()[0][:300]}") from exc
+                             f"{spec.model}: {first_sentence(str(exc))}") from exc
         raise DgkitError(
             f"the CLIP weights '{spec}' cannot be fetched (no internet and not in the local "
             f"cache); download them on a connected machine and pass the file with --teacher "

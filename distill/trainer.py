@@ -41,12 +41,17 @@ from dgkit.distill.augment import augment, to_device
 from dgkit.distill.averaging import SMA, SWAD, LossValley, refresh_batchnorm
 from dgkit.distill.methods import Batch, MethodContext, get_method, hparams_dict, parse_hparams
 from dgkit.distill.students import Student, build_backbone, build_head, check_student_name
-from dgkit.errors import DgkitError
+from dgkit.errors import DgkitError, Interrupted
 from dgkit.preprocess import PreprocessSpec
 from dgkit.progress import console, make_progress
 from dgkit.records import RunConfig, StudentSpec, Summary
 from dgkit.rundir import RunDir
-from dgkit.teacher_spec import DEFAULT_TEACHER, RISE_TEMPLATES, TEACHER_LOGIT_SCALE
+from dgkit.teacher_spec import (
+    DEFAULT_TEACHER,
+    RISE_TEMPLATES,
+    TEACHER_LOGIT_SCALE,
+    TeacherSpec,
+)
 from dgkit.train_config import TrainConfig
 
 SLOW_CHECK_STEPS = 3  # steps timed before estimating how long the run takes
@@ -212,6 +217,11 @@ class Trainer:
         target_idx = np.array([i for i, s in enumerate(data.samples) if s.domain in target_ids],
                               dtype=np.int64)
         every = np.concatenate([train_idx, val_idx, target_idx])
+        teacher = text = teacher_rows = None
+        if self.method_cls.needs_teacher or cfg.teacher:  # before decoding: its errors first
+            from dgkit.distill.teacher import load_teacher
+
+            teacher = load_teacher(cfg.teacher, self.device)
         spec = PreprocessSpec(input_size=cfg.image_size, resize_size=cfg.image_size)
         decoded = decode_samples(data, every, spec,
                                  None if self.quiet else f"Decoding {len(every)} images")
@@ -235,12 +245,9 @@ class Trainer:
                                               if data.samples[i].domain == d])
                        for d in target_ids}
         pixels = torch.from_numpy(decoded.pixels).permute(0, 3, 1, 2).contiguous()
-        teacher = text = teacher_rows = None
-        if self.method_cls.needs_teacher or cfg.teacher:
+        if teacher is not None:
             from dgkit.distill import cache
-            from dgkit.distill.teacher import load_teacher
 
-            teacher = load_teacher(cfg.teacher, self.device)
             text = cache.text_embeddings(teacher, self.run, names, cfg.templates).to(self.device)
             teacher_rows = cache.image_embeddings(teacher, self.run, data, decoded.indices,
                                                   decoded.hashes, self.device)
@@ -408,8 +415,18 @@ class Trainer:
             run.metrics.unlink(missing_ok=True)
         main = distributed.is_main()
         writer = self._tensorboard(state["step"]) if main else None
-        running: dict[str, torch.Tensor] = {}  # summed on the device: no sync per step
-        counted, tick, step, next_report = 0, time.perf_counter(), state["step"], 0.0
+        # Loss terms summed on the device since the last evaluation (no sync per step); a
+        # checkpoint keeps them, so a resumed run logs the means an uninterrupted one does.
+        running = {k: torch.tensor(v, device=self.device)
+                   for k, v in state.get("running", {}).items()}
+        counted, tick, step, next_report = (state.get("counted", 0), time.perf_counter(),
+                                            state["step"], 0.0)
+
+        def checkpoint() -> None:
+            state.update(step=step, running={k: v.item() for k, v in running.items()},
+                         counted=counted)
+            self._save_checkpoint(state, s)
+
         began, first = tick, step
         bar = None if self.quiet else make_progress(TextColumn("{task.fields[info]}"))
         task = bar.add_task("Training", total=cfg.steps, completed=step, info="") if bar else None
@@ -464,18 +481,16 @@ class Trainer:
                     step = end
                 if main and (step % cfg.checkpoint_interval == 0 or step in stage_ends) and \
                         step < cfg.steps:
-                    state["step"] = step
-                    self._save_checkpoint(state, s)
+                    checkpoint()
             if swad and main:
                 self._finish_swad(s, state, step)
         except KeyboardInterrupt:
             if bar:
                 bar.stop()
-            state["step"] = step
             if main:
-                self._save_checkpoint(state, s)
-            raise DgkitError(f"interrupted at step {step}; continue with dgkit distill "
-                             f"--resume {run.path}") from None
+                checkpoint()
+            raise Interrupted(f"interrupted at step {step}; continue with dgkit distill "
+                              f"--resume {run.path}") from None
         finally:
             stop.restore()
             if bar:
@@ -638,6 +653,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, state: dict, s: Session) -> None:
         payload = {"step": state["step"], "best": state["best"],
+                   "running": state.get("running", {}), "counted": state.get("counted", 0),
                    "student": s.student.state_dict(), "method": s.method.state_dict(),
                    "optimizer": s.optimizer.state_dict(),
                    "averager": s.averager.state_dict() if s.averager else None}
@@ -656,7 +672,8 @@ class Trainer:
         s.optimizer.load_state_dict(payload["optimizer"])
         if s.averager is not None and payload["averager"] is not None:
             s.averager.load_state_dict(payload["averager"])
-        return {"step": payload["step"], "best": payload["best"]}
+        return {"step": payload["step"], "best": payload["best"],
+                "running": payload.get("running", {}), "counted": payload.get("counted", 0)}
 
     def _tensorboard(self, start_step: int):
         try:
@@ -671,6 +688,10 @@ class Trainer:
         data = discover(self.config.data)
         _, source_ids = check_targets(data, self.config.targets)
         check_student_name(self.config.student)
+        if self.config.teacher:  # a missing checkpoint is said now, not after decoding
+            spec = TeacherSpec.parse(self.config.teacher)
+            if spec.is_path and spec.checkpoint is None:
+                raise DgkitError(f"teacher checkpoint {spec.pretrained} does not exist")
         train_idx, _ = split_sources(data, source_ids, self.config.seed)
         self.config = self.config.for_data(len(source_ids), len(train_idx))
         cfg = dataclasses.replace(self.config, hparams=hparams_dict(self.hparams))

@@ -136,7 +136,7 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_domains, tmp_p
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 2, rest
+    assert proc.returncode == 130, rest  # as an interrupt during setup exits
     assert "--resume" in rest and (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -271,3 +271,22 @@ def test_a_long_cpu_run_is_announced_with_its_estimate(tiny_domains, tmp_path, m
     err = " ".join(capfd.readouterr().err.split())
     assert "(4 steps of 12 images at 32 px) take about" in err
     assert "--steps 300 --image-size 96 --batch-size 24" in err
+
+
+def test_a_missing_teacher_file_is_reported_before_any_decoding(tiny_domains, tmp_path):
+    missing = tmp_path / "nowhere" / "clip.safetensors"
+    proc = dgkit("distill", "--data", tiny_domains, "--target", "sketch", "--method", "kd",
+                 "--teacher", f"dgkit-tiny-clip:{missing}", "--out", tmp_path / "run",
+                 *[a for a in TINY if a != "--quiet"])  # progress shown: no "Decoding" line
+    assert f"teacher checkpoint {missing} does not exist" in error_line(proc)
+    assert "Decoding" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_teacher_errors_are_shortened_at_a_word_never_mid_sentence():
+    from dgkit.distill.teacher import first_sentence
+
+    long = "size mismatch for visual.proj: copying a param with shape " + "[512, 768] " * 60
+    short = first_sentence(long + "\nsecond line")
+    assert short.endswith(" …") and len(short) <= 302
+    assert long.startswith(short[:-2]) and long[len(short) - 2] == " "
+    assert first_sentence("one line\nmore") == "one line"

@@ -613,6 +613,20 @@ def test_missing_incomplete_and_foreign_runs(tiny_run, tmp_path):
     assert not (run / "export").exists()
 
 
+def test_an_unfinished_run_is_exported_with_one_line_saying_so(tiny_run, tmp_path):
+    run = _copy(tiny_run, tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "finished": False}))
+    proc = dgkit("export", run, "--no-validate")
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stderr.split())
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert (f"has not finished training: it stopped after step {last} of 4, so this is its "
+            f"best student so far (step {summary['best_step']})") in said
+    assert f"dgkit distill --resume {run} finishes it" in said
+    assert (run / "export" / "model.onnx").is_file()
+
+
 def test_target_domain_absent_from_the_data(tiny_run, exported, domains_copy, tmp_path):
     shutil.rmtree(domains_copy / "sketch")
     run = _copy(tiny_run, tmp_path)
