@@ -458,6 +458,9 @@ class Trainer:
                         raise DgkitError(f"the loss became {losses} by step {step}; lower --lr "
                                          f"(now {cfg.lr})")
                     ips = counted * cfg.batch_size / max(1e-9, time.perf_counter() - tick)
+                    if writer:  # at every report, not only evaluations (the mean since the
+                        for k, v in losses.items():  # last evaluation)
+                            writer.add_scalar(f"loss/{k}", v, step)
                     if bar:
                         info = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
                         bar.update(task, completed=step, info=f"{info}  {ips:,.0f} img/s")
@@ -539,8 +542,6 @@ class Trainer:
         source, target = row["source_val"], row["target"]
         self.run.append_metrics(row)
         if writer:
-            for k, v in losses.items():
-                writer.add_scalar(f"loss/{k}", v, step)
             for d, v in source.items():
                 writer.add_scalar(f"val/{d}", v, step)
             for d, v in target.items():
