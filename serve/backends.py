@@ -56,6 +56,21 @@ def physical_cores() -> int:
     return max(1, count)
 
 
+def both_onnxruntimes() -> bool:
+    """True when pip installed the CPU and the GPU onnxruntime side by side (dgkit[gpu] adds
+    the second beside the first): one package directory, and no CUDA provider."""
+    import importlib.metadata
+
+    found = 0
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.version(name)
+            found += 1
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found == 2
+
+
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise DgkitError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
@@ -78,6 +93,12 @@ class OrtRunner:
             asked = True
         provider = _PROVIDER[backend]
         if provider not in available:
+            if both_onnxruntimes():
+                raise DgkitError(f"backend '{backend}' needs onnxruntime's {provider}, but "
+                                 "onnxruntime and onnxruntime-gpu are both installed, and "
+                                 "together they offer only the CPU (microsoft/onnxruntime"
+                                 "#26996); keep one: pip uninstall -y onnxruntime "
+                                 "onnxruntime-gpu && pip install onnxruntime-gpu")
             raise DgkitError(f"backend '{backend}' needs onnxruntime's {provider}, which this "
                              f"onnxruntime lacks (install dgkit[gpu]); it has: "
                              f"{', '.join(available)}")

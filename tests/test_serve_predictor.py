@@ -215,6 +215,36 @@ def test_backend_choice(model: tuple[Path, dict]) -> None:
             Predictor(model[0], backend="ort-cuda")
 
 
+def test_both_onnxruntime_packages_are_named_with_the_fix(model: tuple[Path, dict],
+                                                           monkeypatch) -> None:
+    import importlib.metadata
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the conflict cannot be shown here")
+    from dgkit.serve import backends
+
+    installed = {"onnxruntime": "1.32.0"}  # the CPU package alone: the usual message
+
+    def version(name: str) -> str:
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert not backends.both_onnxruntimes()
+    with pytest.raises(DgkitError, match="install dgkit\\[gpu\\]"):
+        Predictor(model[0], backend="ort-cuda")
+    installed["onnxruntime-gpu"] = "1.32.0"  # pip put the GPU package beside it
+    assert backends.both_onnxruntimes()
+    with pytest.raises(DgkitError, match="onnxruntime and onnxruntime-gpu are both installed") \
+            as info:
+        Predictor(model[0], backend="ort-cuda")
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in str(
+        info.value)
+
+
 def test_engine_without_tensorrt_or_sidecar(tmp_path: Path, model: tuple[Path, dict]) -> None:
     engine = tmp_path / "model.fp16.plan"
     engine.write_bytes(b"not really an engine")
