@@ -155,6 +155,14 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(tiny_domains, tmp_p
     (["--data", "{data}", "--target", "sketch", "--method", "kd", "--teacher",
       "ViT-B-32:openai"], "cannot be fetched"),
     (["--data", "{data}", "--target", "sketch", "--optimizer", "lion"], "--optimizer 'lion'"),
+    (["--data", "{data}", "--target", "sketch", "--recipe", "slow"],
+     "--recipe 'slow' is not one of: paper, fast"),
+    (["--data", "{data}", "--target", "sketch", "--augment", "sepia"],
+     "--augment 'sepia' is not one of: domainbed, domainbed-nohue, rise"),
+    (["--data", "{data}", "--target", "sketch", "--epochs", "0"],
+     "--epochs must be a positive number, got 0"),
+    (["--data", "{data}", "--target", "sketch", "--batch-per-domain", "0"],
+     "--batch-per-domain must be at least 1, got 0"),
 ])
 def test_bad_arguments_fail_in_one_line_and_write_nothing(tiny_domains, tmp_path, args,
                                                          message):

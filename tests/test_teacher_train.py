@@ -68,3 +68,12 @@ def test_a_run_with_the_trained_teacher_is_not_a_plumbing_check(world_teacher, t
     assert set(summary["teacher_zero_shot_accuracy"]) == set(DOMAINS)
     again = dgkit("teacher", "train", "--data", data, "--out", out, "--steps", "1")
     assert f"{out / 'teacher.safetensors'} exists" in error_line(again)
+
+
+def test_teacher_train_bad_input_fails_in_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "teacher"
+    proc = dgkit("teacher", "train", "--data", tmp_path / "nowhere", "--out", out)
+    assert proc.returncode == 2 and "does not exist" in error_line(proc)
+    proc = dgkit("teacher", "train", "--data", tmp_path, "--out", out, "--steps", "0")
+    assert "--steps and --groups must be at least 1" in error_line(proc)
+    assert not out.exists()
