@@ -26,7 +26,6 @@ class Setting:
 
 
 DOMAINBED = "facebookresearch/DomainBed"
-SWAD = "khanrc/swad"
 SCMD = "SeanLeng1/SCMD"
 RISE = "WisconsinAIVision/RISE"
 VL2V = "val-iisc/VL2V-ADiP"

@@ -126,7 +126,8 @@ def _options_by_method(methods: str, args: list[str]) -> dict[str, dict[str, str
 
 def grid_points(method: str, data: Path) -> tuple[str, tuple[dict[str, float], ...]]:
     """The method's grid for the dataset in folder `data` (matched by name: PACS, VLCS,
-    OfficeHome, TerraIncognita), or its grid for other datasets; ("", ({},)) without one."""
+    OfficeHome, TerraIncognita), or its grid for other datasets; a method without a grid gets
+    the one empty point, ("other datasets", ({},))."""
     from dgkit.distill.methods import get_method
 
     grids = get_method(method).grids
