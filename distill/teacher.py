@@ -19,6 +19,12 @@ from dgkit.errors import DgkitError
 from dgkit.teacher_spec import TeacherSpec
 
 
+def model_image_size(model: torch.nn.Module) -> int:
+    """The square input size of an open_clip model's image tower."""
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 class Teacher(torch.nn.Module):
     """A frozen open_clip model that returns L2-normalised embeddings."""
 
@@ -27,8 +33,7 @@ class Teacher(torch.nn.Module):
         self.spec = spec
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        size = model.visual.image_size
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.image_size = model_image_size(model)
         normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
         self.register_buffer("mean", torch.tensor(normalize.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(normalize.std).view(1, 3, 1, 1))

@@ -29,6 +29,7 @@ from dgkit.atomic import atomic_path, write_json
 from dgkit.data import decode_samples, discover, prompt_names
 from dgkit.distill.augment import augment
 from dgkit.distill.students import build_backbone
+from dgkit.distill.teacher import model_image_size
 from dgkit.distill.trainer import step_seed
 from dgkit.errors import DgkitError
 from dgkit.preprocess import PreprocessSpec
@@ -135,7 +136,7 @@ def train_teacher(job: TeacherTraining, quiet: bool = False) -> dict[str, Any]:
     data = discover(job.data)
     out.mkdir(parents=True, exist_ok=True)
     name, model, tokenizer, (mean, std) = _model(job, out)
-    size = job.image_size or _image_size(model)
+    size = job.image_size or model_image_size(model)
     decoded = decode_samples(data, range(len(data.samples)), PreprocessSpec(size, size),
                              None if quiet else f"Decoding {len(data.samples)} images")
     if decoded.bad:
@@ -194,11 +195,6 @@ def train_teacher(job: TeacherTraining, quiet: bool = False) -> dict[str, Any]:
               "zero_shot_accuracy": zero_shot(spec, data, decoded, labels, domains)}
     write_json(out / RECORD, record)
     return record
-
-
-def _image_size(model) -> int:
-    size = model.visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def zero_shot(spec: str, data, decoded, labels: np.ndarray, domains: np.ndarray
