@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--teacher-steps", type=int, default=300)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("--extra", default="",
+                   help="options added to every teacher method's dgkit distill, e.g. "
+                        "'--temperature 10'; their runs are kept apart")
     return p.parse_args()
 
 
@@ -53,26 +57,21 @@ def prepare(args: argparse.Namespace) -> dict[str, str]:
     """The world, the teacher's world, the teachers and the deranged names; reused if there."""
     import torch
 
-    from dgkit.distill.teacher_train import TeacherTraining, train_teacher, write_random_clip
+    from dgkit.distill.teacher_train import WorldTeacher, write_random_clip
 
-    world, teacher_world = args.out / "world", args.out / "teacher_world"
+    world = args.out / "world"
     if not (world / "samples.json").is_file():
         make_samples(world, seed=0, per_class=args.per_class, size=args.image_size,
                      shortcut=args.shortcut, shortcut_free=TARGET, overwrite=True)
-    if not (teacher_world / "samples.json").is_file():
-        make_samples(teacher_world, seed=1, per_class=args.per_class, size=args.image_size,
-                     shortcut=1 / len(CLASSES), overwrite=True)  # the mark says nothing
-    trained = args.out / "teacher"
-    if not (trained / "teacher.json").is_file():
-        torch.set_num_threads(max(1, args.jobs))
-        train_teacher(TeacherTraining(str(teacher_world), str(trained),
-                                      steps=args.teacher_steps))
+    torch.set_num_threads(max(1, args.jobs))
+    trained = WorldTeacher(args.per_class, args.image_size, args.teacher_steps).train(
+        args.out / "teacher")
     random = write_random_clip(args.out / "random_teacher")
     shuffled = args.out / "shuffled_names.txt"  # every class prompted as the next one
     shuffled.write_text("".join(f"{c}: {CLASSES[(i + 1) % len(CLASSES)]}\n"
                                 for i, c in enumerate(CLASSES)))
     return {"world": str(world),
-            "trained": json.loads((trained / "teacher.json").read_text())["teacher"],
+            "trained": trained["teacher"],
             "random": random,
             "shuffled_names": str(shuffled)}
 
@@ -80,7 +79,9 @@ def prepare(args: argparse.Namespace) -> dict[str, str]:
 def run_one(args: argparse.Namespace, paths: dict[str, str], method: str, variant: str,
             seed: int) -> dict:
     """One `dgkit distill` (reused when finished); returns its summary."""
-    run = args.out / "runs" / f"{method}-{variant}-s{seed}"
+    extra = shlex.split(args.extra) if method in TEACHER_METHODS else []
+    tag = "".join(f"_{a.lstrip('-')}" for a in extra)
+    run = args.out / "runs" / f"{method}-{variant}{tag}-s{seed}"
     summary = run / "summary.json"
     if summary.is_file() and json.loads(summary.read_text())["finished"]:
         return json.loads(summary.read_text())
@@ -96,6 +97,7 @@ def run_one(args: argparse.Namespace, paths: dict[str, str], method: str, varian
         cmd += ["--teacher", paths["random" if variant == "random" else "trained"]]
     if variant == "shuffled":
         cmd += ["--class-names", paths["shuffled_names"]]
+    cmd += extra
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -148,6 +150,7 @@ def main() -> None:
             "student": {"recipe": "fast", "steps": args.steps, "batch_size": args.batch_size,
                         "backbone": "efficientnet_lite0 (ImageNet)"},
             "teacher": paths["trained"], "teacher_steps": args.teacher_steps,
+            "teacher_method_options": args.extra,
             "teacher_zero_shot_accuracy": teacher_zero_shot, "seeds": args.seeds,
             "results": table, "minutes": round(minutes, 1)}, indent=1) + "\n")
         print(f"wrote {args.json}")
@@ -163,7 +166,8 @@ def print_table(table: dict, zero_shot: dict, args: argparse.Namespace, minutes:
     variants = ["none", "trained", "random", "shuffled"]
     heads = ["no teacher", "trained teacher", "random teacher", "shuffled text"]
     print(f"\nHeld-out {TARGET} accuracy % (mean ± std over {args.seeds} seeds), shortcut "
-          f"{args.shortcut}, {args.steps} steps at {args.image_size} px; {minutes:.1f} min")
+          f"{args.shortcut}, {args.steps} steps at {args.image_size} px; {minutes:.1f} min"
+          + (f"; teacher methods with {args.extra}" if args.extra else ""))
     print(f"{'method':<8}" + "".join(f"{h:>18}" for h in heads))
     for method, cells in table.items():
         print(f"{method:<8}" + "".join(f"{cell(cells.get(v)):>18}" for v in variants))

@@ -81,6 +81,15 @@ class TeacherSpec:
         mark = ((header or {}).get("__metadata__") or {}).get(TRAINED_MARK)
         return json.loads(mark) if mark else None
 
+    def about(self) -> str | None:
+        """What this teacher is, when it is not what its name suggests: the label
+        `dgkit teacher train` recorded, or None."""
+        training = self.training()
+        if training is None:
+            return None
+        return training.get("about") or (f"a CLIP trained by dgkit teacher train on "
+                                         f"{Path(training['data']).name}")
+
     def cache_id(self) -> str:
         """Identifies the weights: the tag, or the checkpoint's size and a hash of its head."""
         if not self.is_path:

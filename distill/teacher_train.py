@@ -12,12 +12,15 @@ through the one teacher path: `--teacher MODEL:OUT/teacher.safetensors`.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -73,6 +76,7 @@ class TeacherTraining:
     weight_decay: float = 0.1
     image_size: int | None = None  # default: the model's
     seed: int = 0
+    about: str | None = None  # what the teacher is, shown beside its name (demo, quickstart)
 
 
 def write_random_clip(folder: Path, seed: int = 0) -> str:
@@ -113,7 +117,12 @@ def _model(job: TeacherTraining, out: Path):
     config.write_text(json.dumps(WORLD_CLIP_CONFIG, indent=2) + "\n", encoding="utf-8")
     open_clip.add_model_config(config)
     torch.manual_seed(job.seed)
-    model = open_clip.create_model(WORLD_CLIP)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "no pretrained weights loaded": none exist, by design
+    try:
+        model = open_clip.create_model(WORLD_CLIP)
+    finally:
+        logging.disable(previous)
     imagenet = build_backbone("efficientnet_lite0").module.state_dict()
     missing, unexpected = model.visual.trunk.load_state_dict(imagenet, strict=False)
     if missing or unexpected:
@@ -187,7 +196,8 @@ def train_teacher(job: TeacherTraining, quiet: bool = False) -> dict[str, Any]:
     with atomic_path(out / WEIGHTS) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
                   str(tmp), metadata={TRAINED_MARK: json.dumps(
-                      {"data": str(data.root), "steps": job.steps, "dgkit": __version__})})
+                      {"data": str(data.root), "steps": job.steps, "dgkit": __version__,
+                       **({"about": job.about} if job.about else {})})})
     spec = f"{name}:{out / WEIGHTS}"
     record = {"teacher": spec, "data": str(data.root), "init": job.init, "steps": job.steps,
               "groups": job.groups, "lr": job.lr, "seed": job.seed, "minutes": round(minutes, 2),
@@ -210,6 +220,43 @@ def zero_shot(spec: str, data, decoded, labels: np.ndarray, domains: np.ndarray
                            for i in range(0, len(x), 256)]).argmax(-1).numpy()
     return {d: round(100.0 * float((predicted == labels)[domains == k].mean()), 2)
             for k, d in enumerate(data.domains) if (domains == k).any()}
+
+
+@dataclass(frozen=True)
+class WorldTeacher:
+    """The sample world's teacher: `dgkit-world-clip` trained on its own draw of the four styles
+    (seed 1, not the students' seed 0) with the corner mark random everywhere, so it knows
+    sketches and ignores the mark, as CLIP saw sketches on the web."""
+
+    per_class: int = 40
+    size: int = 64
+    steps: int = 300
+    world_seed: int = 1
+    about: ClassVar[str] = "a small CLIP trained on the sample world, not OpenAI's"
+
+    def key(self) -> str:
+        """Names the weights these settings (and the model config) give, for caching."""
+        text = json.dumps([dataclasses.asdict(self), WORLD_CLIP_CONFIG], sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    def train(self, folder: Path, quiet: bool = False) -> dict[str, Any]:
+        """FOLDER/data (the teacher's world) and the teacher in FOLDER, unless FOLDER has them
+        already; returns teacher.json's record. A lock lets concurrent callers share FOLDER."""
+        import fcntl
+
+        from dgkit.samples import CLASSES, make_samples
+
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (folder / RECORD).is_file():
+                (folder / WEIGHTS).unlink(missing_ok=True)  # a run killed before its record
+                make_samples(folder / "data", seed=self.world_seed, per_class=self.per_class,
+                             size=self.size, shortcut=1 / len(CLASSES), overwrite=True,
+                             quiet=quiet)  # a mark right 1 time in 6 says nothing
+                train_teacher(TeacherTraining(str(folder / "data"), str(folder),
+                                              steps=self.steps, about=self.about), quiet=quiet)
+            return json.loads((folder / RECORD).read_text())
 
 
 def print_record(record: dict[str, Any]) -> None:

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 PARITY_IMAGES = 64
 PARITY_MAX_ABS = 1e-4
+# FP32 rounding grows with the logits' size: heads that multiply cosines by 100 (RISE, VL2V)
+# get 1e-5 of their largest logit, never less than PARITY_MAX_ABS.
+PARITY_MAX_REL = 1e-5
 
 
 def run_id(run: RunDir) -> str:
@@ -121,16 +124,17 @@ def parity_rows(n: int, count: int = PARITY_IMAGES) -> np.ndarray:
 
 
 def check_parity(model_path: Path, reference: np.ndarray, pixels: np.ndarray) -> float:
-    """ONNX FP32 (run as serve runs it) against torch: max |logit diff| <= 1e-4 and the same
-    top-1 on every image. Returns the max difference."""
+    """ONNX FP32 (run as serve runs it) against torch: max |logit diff| within the parity limit
+    and the same top-1 on every image. Returns the max difference."""
     from dgkit.serve.predictor import Predictor
 
     logits = Predictor(model_path, backend="ort-cpu").run_batch(to_model_input(pixels))
     diff = float(np.abs(logits - reference).max())
+    limit = max(PARITY_MAX_ABS, PARITY_MAX_REL * float(np.abs(reference).max()))
     same = int((logits.argmax(1) == reference.argmax(1)).sum())
-    if diff > PARITY_MAX_ABS or same != len(pixels):
+    if diff > limit or same != len(pixels):
         raise DgkitError(f"the ONNX export of this student does not match torch on {len(pixels)} "
-                         f"images (max |logit difference| {diff:.2e}, limit {PARITY_MAX_ABS:.0e}; "
+                         f"images (max |logit difference| {diff:.2e}, limit {limit:.1e}; "
                          f"same top-1 on {same}/{len(pixels)})")
     return diff
 

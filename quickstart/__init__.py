@@ -1,13 +1,17 @@
 """`dgkit quickstart`: the whole pipeline on the built-in sample data, in minutes on a CPU.
 
-draw the samples -> distill a student with `sketch` held out -> export FP32, FP16 and INT8
-(validated on the held-out sketches) -> classify a few sketches with the edge Predictor -> print
-the report and the commands to try next. Everything lands under one folder:
+draw the sample world (a corner mark names the class on most source images, never on the
+sketches) -> distill a student from a CLIP teacher with `sketch` held out, and an ERM student
+beside it -> export FP32, FP16 and INT8 (validated on the held-out sketches) -> classify a few
+sketches with the edge Predictor -> print the report and the commands to try next. Without the
+CLIP weights the teacher is a small CLIP trained on another draw of the sample world (cached in
+~/.cache/dgkit). Everything else lands under one folder:
 
 ```
 quickstart/data/<domain>/<class>/<n>.png   the sample dataset
 quickstart/run/                            the run directory (run.json, student, metrics, ...)
 quickstart/run/export/                     model.onnx, model.fp16.onnx, model.int8.onnx, report.*
+quickstart/erm/                            the ERM student, for comparison (erm.log: its output)
 quickstart/quickstart.json                 the numbers printed at the end
 ```
 """
@@ -15,6 +19,8 @@ quickstart/quickstart.json                 the numbers printed at the end
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +35,24 @@ from dgkit.progress import console
 
 if TYPE_CHECKING:
     from dgkit.records import Summary, ValidationReport
+    from dgkit.train_config import TrainConfig
 
 TARGET = "sketch"
+SHORTCUT = 0.9  # how often the corner mark names the class in the source domains
 TEACHER = "ViT-B-32:openai"
+WORLD_TEACHER = "sample-world"  # stands for the small CLIP trained on the sample world
 # ---- Which method the quickstart distills with: (method, teacher or None) ----------------------
 # The first row whose method is registered and whose teacher (if it needs one) loads is used;
 # `--teacher` replaces the teacher of the rows that have one. Edit the rows to change the choice.
 METHODS: list[tuple[str, str | None]] = [
     ("rise", TEACHER),  # distils CLIP: the point of dgkit, when the weights can be loaded
-    ("psd", None),  # progressive self-distillation: no teacher, works offline
+    # Offline: VL2V's feature loss carries the teacher's image embedding, which knows sketches;
+    # RISE's and KD's targets from this teacher say little more than the labels (BENCHMARKS.md).
+    ("vl2v", WORLD_TEACHER),
+    ("psd", None),  # progressive self-distillation: no teacher
     ("erm", None),  # plain supervised training: always there
 ]
+BASELINE = "erm"  # trained beside the chosen method: what the student learns without a teacher
 
 
 @dataclass
@@ -48,12 +61,12 @@ class Schedule:
     sized to finish in a few minutes on a 2-core CPU (README gives the measured time)."""
 
     per_class: int = 40  # sample images per class and domain: 6 x 4 x 40 = 960
-    sample_size: int = 128  # pixels of the drawn images
-    image_size: int = 96  # student input
-    steps: int = 300
+    sample_size: int = 64  # pixels of the drawn images
+    image_size: int = 64  # student input
+    steps: int = 150  # vl2v: half aligning, half distilling
     batch_size: int = 24
-    lr: float = 1e-3
     evaluations: int = 5  # training-domain validation points (model selection)
+    teacher_steps: int = 300  # the sample-world teacher's, when it is trained
     calib_images: int = 128  # INT8 calibration images from the source domains
     examples: int = 6  # held-out sketches classified at the end, one per class
 
@@ -66,7 +79,29 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          "to redo it, or another --out")
 
 
-def choose_method(teacher_override: str | None = None) -> tuple[str, str | None, str]:
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dgkit"
+
+
+def world_teacher(schedule: Schedule, out: Path) -> tuple[str, str]:
+    """(--teacher, what it is) of the sample world's small CLIP: from the cache, or trained into
+    it (into OUT/teacher when the cache cannot be written)."""
+    from dgkit.distill.teacher_train import WorldTeacher
+
+    world = WorldTeacher(schedule.per_class, schedule.sample_size, schedule.teacher_steps)
+    folder = cache_dir() / f"world-teacher-{world.key()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = out / "teacher"
+    if not (folder / "teacher.json").is_file():
+        console.print(f"training the teacher, {world.about} ({world.steps} steps; kept in "
+                      f"{folder})", soft_wrap=True)
+    return world.train(folder)["teacher"], world.about
+
+
+def choose_method(teacher_override: str | None = None, schedule: Schedule | None = None,
+                  out: Path = Path("quickstart")) -> tuple[str, str | None, str]:
     """(method, teacher or None, why) from METHODS: the first that is registered and whose
     teacher loads. `why` is empty for the first row, else one line saying what was skipped.
     A teacher the user named (`teacher_override`) that does not load is an error, not skipped."""
@@ -77,7 +112,10 @@ def choose_method(teacher_override: str | None = None) -> tuple[str, str | None,
         if method not in method_names():
             skipped.append(f"{method} is not in this dgkit")
             continue
-        if teacher is not None:
+        if teacher == WORLD_TEACHER:
+            teacher, about = world_teacher(schedule or Schedule(), out)
+            skipped.append(f"teacher: {about}")
+        elif teacher is not None:
             from dgkit.distill.teacher import load_teacher
 
             teacher = teacher_override or teacher
@@ -104,25 +142,59 @@ def idle_cores() -> int:
     return max(1, min(cores, round(cores - os.getloadavg()[0])))
 
 
+def train_config(data: Path, method: str, teacher: str | None, schedule: Schedule,
+                 seed: int) -> TrainConfig:
+    """The quickstart's schedule on the fast recipe, with TARGET held out."""
+    from dgkit.train_config import TrainConfig
+
+    half = schedule.steps // 2
+    hparams = ({"align_steps": half, "distill_steps": schedule.steps - half}
+               if method == "vl2v" else {})
+    return TrainConfig(
+        data=str(data.resolve()), targets=[TARGET], method=method, teacher=teacher,
+        hparams=hparams, seed=seed, steps=schedule.steps, batch_size=schedule.batch_size,
+        image_size=schedule.image_size, eval_every=max(1, schedule.steps // schedule.evaluations))
+
+
+def start_baseline(data: Path, out: Path, schedule: Schedule, seed: int) -> subprocess.Popen:
+    """BASELINE in the background on one thread, its output in OUT/erm.log."""
+    config = out / f"{BASELINE}.json"
+    write_json(config, train_config(data, BASELINE, None, schedule, seed).__dict__)
+    code = ("import json, sys; from pathlib import Path; from dgkit import api; "
+            "from dgkit.train_config import TrainConfig; "
+            "api.train(TrainConfig(**json.loads(Path(sys.argv[1]).read_text())), sys.argv[2], "
+            "overwrite=True, quiet=True)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with (out / f"{BASELINE}.log").open("w") as log:
+        return subprocess.Popen([sys.executable, "-c", code, str(config), str(out / BASELINE)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def finish_baseline(proc: subprocess.Popen, out: Path) -> Summary | None:
+    """The baseline's summary once it ends; None, after one line saying why, if it failed."""
+    from dgkit.rundir import RunDir
+
+    if proc.wait() != 0:
+        lines = (out / f"{BASELINE}.log").read_text().strip().splitlines() or ["no output"]
+        console.print(f"[yellow]the {BASELINE} comparison failed: {lines[-1]} (see "
+                      f"{out / BASELINE}.log)[/]", soft_wrap=True)
+        return None
+    return RunDir(out / BASELINE).summary()
+
+
 def train(data: Path, run: Path, method: str, teacher: str | None, schedule: Schedule,
           seed: int, threads: int) -> Summary:
     """Distill one student with TARGET held out; returns the run's summary."""
     import torch
 
     from dgkit import api
-    from dgkit.train_config import TrainConfig
 
     torch.set_num_threads(threads)
     if not torch.cuda.is_available():
         console.print(f"training on the CPU with {threads} thread{'s' * (threads > 1)} "
                       "(--threads to change)")
-
-    config = TrainConfig(
-        data=str(data.resolve()), targets=[TARGET], method=method, teacher=teacher,
-        student="efficientnet_lite0", student_weights="imagenet", seed=seed,
-        steps=schedule.steps, batch_size=schedule.batch_size, image_size=schedule.image_size,
-        lr=schedule.lr, eval_every=max(1, schedule.steps // schedule.evaluations))
-    return api.train(config, run, overwrite=True, quiet=False, runs_root=run.parent)
+    return api.train(train_config(data, method, teacher, schedule, seed), run, overwrite=True,
+                     quiet=False, runs_root=run.parent)
 
 
 def export(run: Path, schedule: Schedule) -> ValidationReport:
@@ -188,12 +260,21 @@ def print_report(result: dict[str, Any]) -> None:
     out.print(table)
     out.print(f"The {TARGET} images were never trained on; the student is the one with the best "
               f"source-domain validation accuracy (step {result['best_step']}).", soft_wrap=True)
+    out.print(f"\nHeld-out {TARGET} accuracy of the torch students, same data and schedule:")
+    if result["teacher"]:
+        about = result["teacher_about"] or ("a teacher without published weights (plumbing "
+                                            "check)" if result["plumbing_check"] else "")
+        out.print(f"  teacher {result['teacher']}" + (f"\n    ({about})" if about else ""),
+                  soft_wrap=True)
+    rows = [(f"{result['method']} (distilled from the teacher)", result["target_accuracy"])]
+    if result["baseline"]:
+        rows.append((f"{result['baseline']['method']} (no teacher)",
+                     result["baseline"]["target_accuracy"]))
     zero_shot = (result["teacher_zero_shot_accuracy"] or {}).get(TARGET)
     if zero_shot is not None:
-        label = " [yellow](plumbing check: a teacher without published weights)[/]" \
-            if result["plumbing_check"] else ""
-        out.print(f"The CLIP teacher {result['teacher']} alone, zero-shot on {TARGET}: "
-                  f"{zero_shot:.1f} %{label}", soft_wrap=True)
+        rows.append(("the teacher alone, zero-shot", zero_shot))
+    for name, accuracy in rows:
+        out.print(f"  {name:<40} {accuracy:5.1f} %")
     if not result["validation_passed"]:
         out.print(f"[yellow]Export validation flagged an artifact: see {result['run']}/export/"
                   "report.md[/]", soft_wrap=True)
@@ -211,19 +292,32 @@ def print_report(result: dict[str, Any]) -> None:
             ("serve the INT8 model over HTTP (POST /predict)", f"dgkit serve {m}"),
             ("classify a folder of images", f"dgkit predict {m} {d}/{TARGET}/star"),
             ("the validation report again", f"dgkit validate {r}"),
-            ("hold out each domain in turn", f"dgkit distill --data {d} --target all "
-             f"--method {result['method']} --steps 300 --image-size 96 --batch-size 24"),
+            ("hold out each domain in turn", distill_command(result)),
             ("TensorRT engines, on a GPU box", f"dgkit export {r} --fp16 --int8 --trt")):
         out.print(f"  [dim]# {what}[/]\n  {command}", soft_wrap=True)
+
+
+def distill_command(result: dict[str, Any]) -> str:
+    """`dgkit distill` with the quickstart's schedule, every domain held out in turn."""
+    sched, method = result["schedule"], result["method"]
+    steps = sched["steps"] // 2
+    length = (f"--align-steps {steps} --distill-steps {sched['steps'] - steps}"
+              if method == "vl2v" else f"--steps {sched['steps']}")
+    teacher = f" --teacher {result['teacher']}" if result["teacher"] else ""
+    return (f"dgkit distill --data {result['data']} --target all --method {method}{teacher} "
+            f"--recipe fast {length} --image-size {sched['image_size']} --batch-size "
+            f"{sched['batch_size']}")
 
 
 def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
                    steps: int | None = None, image_size: int | None = None,
                    batch_size: int | None = None, per_class: int | None = None,
                    seed: int = 0, teacher: str | None = None,
-                   threads: int | None = None) -> dict[str, Any]:
+                   threads: int | None = None, teacher_steps: int | None = None
+                   ) -> dict[str, Any]:
     """The whole quickstart; returns (and writes to OUT/quickstart.json) what it printed."""
     require_extra("train", "torch")
+    from dgkit.rundir import RunDir, update_latest
     from dgkit.samples import CLASSES, make_samples
 
     started = time.perf_counter()
@@ -231,11 +325,15 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
     if threads is not None and threads < 1:
         raise DgkitError(f"--threads must be at least 1, got {threads}")
     for name, value in (("steps", steps), ("image_size", image_size),
-                        ("batch_size", batch_size), ("per_class", per_class)):
+                        ("batch_size", batch_size), ("per_class", per_class),
+                        ("teacher_steps", teacher_steps)):
         if value is not None:
             if value < 1:
                 raise DgkitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
             setattr(schedule, name, value)
+    if schedule.steps < 2:
+        raise DgkitError(f"--steps must be at least 2 (vl2v trains in two stages), got "
+                         f"{schedule.steps}")
     if teacher and ":" in teacher:  # a local checkpoint is stored absolute, as distill does
         model, _, pretrained = teacher.partition(":")
         if Path(pretrained).expanduser().exists():
@@ -254,14 +352,29 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
 
     console.rule("1/4 sample data")
     make_samples(data, seed=seed, per_class=schedule.per_class, size=schedule.sample_size,
-                 overwrite=True)
+                 shortcut=SHORTCUT, shortcut_free=TARGET, overwrite=True)
+    console.print(f"A corner mark's colour names the class on {SHORTCUT:.0%} of the cartoon, "
+                  f"painting and photo images and is random on the {TARGET}es: a student "
+                  "that learns the mark fails on them.", soft_wrap=True)
     lap("samples")
     console.rule(f"2/4 distill (held out: {TARGET})")
-    method, teacher, why = choose_method(teacher)
-    if why:
-        console.print(f"[yellow]using --method {method}: {why}[/]", soft_wrap=True)
     threads = threads or idle_cores()
-    summary = train(data, run, method, teacher, schedule, seed, threads)
+    baseline = start_baseline(data, out, schedule, seed)
+    import torch
+
+    torch.set_num_threads(max(1, threads - 1))  # the baseline has one
+    try:
+        method, teacher, why = choose_method(teacher, schedule, out)
+        if why:
+            console.print(f"[yellow]using --method {method}: {why}[/]", soft_wrap=True)
+        console.print(f"{BASELINE} (no teacher) trains beside it on one thread, for comparison")
+        summary = train(data, run, method, teacher, schedule, seed, max(1, threads - 1))
+        with console.status(f"Waiting for the {BASELINE} comparison"):
+            compared = finish_baseline(baseline, out)
+    finally:
+        if baseline.poll() is None:  # interrupted: the comparison goes too
+            baseline.kill()
+    update_latest(RunDir(run), out)  # the baseline may have pointed latest at itself
     lap("distill")
     console.rule("3/4 export FP32, FP16, INT8 and validate")
     report = export(run, schedule)
@@ -271,14 +384,24 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
     examples = classify_examples(int8, data, schedule.examples, seed)
     lap("classify")
 
+    from dgkit.teacher_spec import TeacherSpec
+
     result = {
-        "method": method, "teacher": teacher, "fallback_reason": why or None,
-        "target": TARGET, "classes": list(CLASSES), "schedule": schedule.__dict__,
-        "threads": threads,
+        "method": method, "teacher": teacher,
+        "teacher_about": TeacherSpec.parse(teacher).about() if teacher else None,
+        "fallback_reason": why or None,
+        "target": TARGET, "shortcut": SHORTCUT, "classes": list(CLASSES),
+        "schedule": schedule.__dict__, "threads": threads,
         "data": str(data), "run": str(run), "int8_model": str(int8),
         "best_step": summary.best_step,
+        "target_accuracy": summary.target_accuracy_mean,
+        "source_val_accuracy": summary.source_val_accuracy_mean,
         "teacher_zero_shot_accuracy": summary.teacher_zero_shot_accuracy,
         "plumbing_check": summary.plumbing_check,
+        "baseline": None if compared is None else {
+            "method": BASELINE, "run": str(out / BASELINE),
+            "target_accuracy": compared.target_accuracy_mean,
+            "source_val_accuracy": compared.source_val_accuracy_mean},
         "artifacts": _artifact_rows(report), "validation_passed": report.passed,
         "examples": examples, "seconds": round(time.perf_counter() - started, 1),
         "seconds_by_stage": stages,
@@ -308,12 +431,16 @@ def quickstart(
              "ViT-B-32:openai if it loads, else a method that needs no teacher).")] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for training (default: the cores other work leaves idle).")] = None,
+    teacher_steps: Annotated[int | None, typer.Option(
+        help="Steps of the small CLIP trained on the sample world when the CLIP weights "
+             f"cannot be loaded (default: {Schedule.teacher_steps}; cached).")] = None,
 ) -> None:
-    """Try dgkit in minutes on CPU: draw the sample data, distill a student with the sketch
-    domain held out, export FP32, FP16 and INT8, validate them on sketches and classify a few."""
+    """Try dgkit in minutes on CPU: draw the sample data, distill a student from a CLIP teacher
+    with the sketch domain held out (an ERM student beside it), export FP32, FP16 and INT8,
+    validate them on sketches and classify a few."""
     run_quickstart(out, overwrite=overwrite, steps=steps, image_size=image_size,
                    batch_size=batch_size, per_class=per_class, seed=seed, teacher=teacher,
-                   threads=threads)
+                   threads=threads, teacher_steps=teacher_steps)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -10,9 +10,10 @@ TINY = ["--image-size", "32", "--student-weights", "none", "--batch-size", "12",
 
 
 def dgkit(*args: str | Path, cwd: Path | None = None, check: bool = False,
-          timeout: float = 300) -> subprocess.CompletedProcess:
+          timeout: float = 300, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "dgkit", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"dgkit {' '.join(map(str, args))} failed:\n{proc.stderr}")
     return proc

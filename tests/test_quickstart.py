@@ -3,28 +3,42 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from cli_helpers import dgkit, error_line
 
-# About 30 s of training on one CPU thread, and enough that the student beats chance (1/6) on
-# the held-out sketches by a wide margin: FP32 sketch accuracy 79 / 71 / 77 % with seeds 0 / 1 /
-# 2. One thread: on cores shared with other jobs, two threads wait on each other and run several
-# times slower; on an idle machine it costs little.
-TINY = ["--per-class", "30", "--steps", "60", "--image-size", "96", "--batch-size", "24",
-        "--threads", "1"]
+# A short schedule on one CPU thread, and a teacher of 60 steps (cached in the test's own
+# XDG_CACHE_HOME). One thread: on cores shared with other jobs, two threads wait on each other
+# and run several times slower; on an idle machine it costs little.
+TINY = ["--per-class", "24", "--steps", "60", "--batch-size", "24", "--threads", "1",
+        "--teacher-steps", "60"]
 CHANCE = 100 / 6
+WORLD_TEACHER = "a small CLIP trained on the sample world, not OpenAI's"
 
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_beats_chance_on_held_out_sketches(tmp_path):
     out = tmp_path / "qs"
-    proc = dgkit("quickstart", "--out", out, *TINY, timeout=900, check=True)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = dgkit("quickstart", "--out", out, *TINY, timeout=900, check=True, env=env)
     result = json.loads((out / "quickstart.json").read_text())
     assert result["target"] == "sketch"
-    if result["teacher"] is None:  # no CLIP weights here: one line says why, then psd or erm
-        assert result["method"] in ("psd", "erm")
-        assert f"using --method {result['method']}: rise needs the CLIP teacher" in proc.stderr
+    if result["teacher"] != "ViT-B-32:openai":  # no CLIP weights here: the sample world's CLIP
+        assert result["method"] == "vl2v"
+        assert result["teacher"].startswith("dgkit-world-clip:" + str(tmp_path / "cache"))
+        assert result["teacher_about"] == WORLD_TEACHER
+        assert "using --method vl2v: rise needs the CLIP teacher" in proc.stderr
+        assert WORLD_TEACHER in proc.stdout
+        assert not result["plumbing_check"]
+    # The teacher's zero-shot accuracy and the ERM student beside the distilled one.
+    assert 0 <= result["teacher_zero_shot_accuracy"]["sketch"] <= 100
+    erm = json.loads((out / "erm" / "summary.json").read_text())
+    assert erm["finished"] and json.loads((out / "erm" / "run.json").read_text())[
+        "train"]["method"] == "erm"
+    assert result["baseline"]["target_accuracy"] == erm["target_accuracy_mean"]
+    assert "erm (no teacher)" in proc.stdout
+    assert (out / "latest").resolve() == (out / "run").resolve()
     export = out / "run" / "export"
     for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "report.json"):
         assert (export / name).is_file(), name

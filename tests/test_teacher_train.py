@@ -77,3 +77,21 @@ def test_teacher_train_bad_input_fails_in_one_line_and_writes_nothing(tmp_path):
     proc = dgkit("teacher", "train", "--data", tmp_path, "--out", out, "--steps", "0")
     assert "--steps and --groups must be at least 1" in error_line(proc)
     assert not out.exists()
+
+
+def test_world_teacher_is_trained_once_and_says_what_it_is(tmp_path):
+    from dgkit.distill.teacher_train import WorldTeacher
+    from dgkit.teacher_spec import TeacherSpec
+
+    world = WorldTeacher(per_class=2, size=32, steps=2)
+    assert world.key() != WorldTeacher(per_class=2, size=32, steps=3).key()
+    record = world.train(tmp_path / "cache")
+    weights = tmp_path / "cache" / "teacher.safetensors"
+    assert record["teacher"] == f"dgkit-world-clip:{weights}" and record["steps"] == 2
+    # the teacher's world: the mark is random (its colour is the class on about 1 image in 6)
+    manifest = json.loads((tmp_path / "cache" / "data" / "samples.json").read_text())
+    assert manifest["shortcut"]["probability"] == pytest.approx(1 / 6)
+    assert TeacherSpec.parse(record["teacher"]).about() == WorldTeacher.about
+    modified = weights.stat().st_mtime_ns
+    assert world.train(tmp_path / "cache") == record  # cached: nothing trained again
+    assert weights.stat().st_mtime_ns == modified
