@@ -23,6 +23,7 @@ from dgkit.demo.models import (  # noqa: E402
     SOURCES,
     Demo,
     ImageResult,
+    RunInfo,
     TopK,
     human_bytes,
     human_count,
@@ -104,13 +105,21 @@ def banners_html(demo: Demo, student_note: str) -> str:
     return "\n".join(out)
 
 
+def teacher_notes(info: RunInfo) -> list[str]:
+    """What the teacher's column says of it beside "CLIP": whether its zero-shot accuracy was
+    at chance, and whether it has no published weights."""
+    return [*(["at chance"] if info.teacher_at_chance else []),
+            *(["plumbing check"] if info.plumbing_check else [])]
+
+
 def model_card_md(demo: Demo, artifact: str | None) -> str:
     s = demo.student(artifact)
     t = demo.teacher
     file_t = human_bytes(t.file_bytes) if t.file_bytes else "open_clip cache"
     runtime_t = "torch (CPU)" if t.available else "not loaded"
     rows = [
-        ("", "**Teacher** (CLIP)", "**Student**"),
+        ("", f"**Teacher** ({', '.join(['CLIP', *teacher_notes(demo.info)])})",
+         "**Student**"),
         ("model", _md(t.name), f"{_md(s.arch)} · {s.title}"),
         ("parameters", human_count(t.params), human_count(s.params)),
         ("file", file_t, f"{human_bytes(s.file_bytes)} (`{s.path.name}`)"),
@@ -245,7 +254,7 @@ def build_app(run: RunDir | str | Path | None = None, artifact: str | None = Non
         run = resolve_run(run)
     demo = Demo(run, artifact, backend=backend, teacher=teacher)
     first = demo.student()
-    teacher_sub = "CLIP zero-shot" + (" · plumbing check" if demo.info.plumbing_check else "")
+    teacher_sub = " · ".join(["CLIP zero-shot", *teacher_notes(demo.info)])
 
     def student_title(artifact: str | None) -> str:
         s = demo.student(artifact)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dgkit.data import at_chance
 from dgkit.errors import DgkitError
 from dgkit.export.formats import BY_KEY
 from dgkit.preprocess import IMAGE_SUFFIXES, PreprocessSpec, decode_image, load_prepared
@@ -344,6 +345,7 @@ class RunInfo:
     detail: list[AccuracyRow] = field(default_factory=list)  # every domain, from summary.json
     notes: list[str] = field(default_factory=list)
     plumbing_check: bool = False
+    teacher_at_chance: bool = False  # zero-shot no better than answering one class
     report_png: Path | None = None
     report_device: str = ""
     report_images: dict[str, int] = field(default_factory=dict)  # validation set sizes
@@ -360,6 +362,7 @@ def run_info(run: RunDir, config: RunConfig, summary: Summary | None) -> RunInfo
         info.best_step = summary.best_step
         teacher = summary.teacher_zero_shot_accuracy or {}
         if teacher:
+            info.teacher_at_chance = at_chance(teacher, config.data_root)
             info.detail.append(AccuracyRow("Teacher (CLIP zero-shot)", dict(teacher)))
             row = {d: teacher[d] for d in targets if d in teacher}
             src = [teacher[d] for d in sources if d in teacher]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from dgkit.errors import DgkitError
 from dgkit.preprocess import IMAGE_SUFFIXES, ImageError, PreprocessSpec, load_prepared
 
 HOLDOUT_FRACTION = 0.2
+CHANCE_Z = 2.326  # one-sided 1 %: a guesser passes for better than chance once in 100
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,26 @@ def check_targets(data: DomainData, targets: Sequence[str]) -> tuple[list[int], 
         raise DgkitError(f"class {', '.join(unseen)} appears in the target domain but in no "
                          "source domain, so the student could never learn it")
     return target_ids, source_ids
+
+
+def at_chance(accuracy: Mapping[str, float] | None, root: str | Path) -> bool:
+    """Whether `accuracy` (% per domain of the data under `root`, as summary.json holds a
+    teacher's zero-shot accuracy on every image) is nowhere clearly above always answering the
+    domain's commonest class (one-sided binomial test at 1 %): what a CLIP with random weights,
+    or one that cannot read the class names, scores. False when there is nothing to judge by."""
+    try:
+        data = discover(root)
+    except (DgkitError, OSError):  # the data moved, is gone or unreadable: no verdict
+        return False
+    counts = data.counts()
+    judged = [(acc / 100.0, counts[data.domains.index(d)]) for d, acc in (accuracy or {}).items()
+              if d in data.domains]
+
+    def near_guess(acc: float, row: np.ndarray) -> bool:
+        n, guess = int(row.sum()), float(row.max() / row.sum())
+        return acc * n <= n * guess + CHANCE_Z * math.sqrt(n * guess * (1 - guess))
+
+    return bool(judged) and all(near_guess(acc, row) for acc, row in judged)
 
 
 def _seed_for(seed: int, name: str) -> int:

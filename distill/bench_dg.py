@@ -322,20 +322,17 @@ def _batch(settings: dict[str, Any]) -> str:
 
 
 def _print(result: dict[str, Any]) -> None:
-    from rich.table import Table
-
     from dgkit.progress import console
+    from dgkit.text_table import text_table
 
-    table = Table(title="Leave-one-domain-out, training-domain validation (mean ± std over "
-                        f"{len(result['seeds'])} seed(s))")
-    table.add_column("method")
-    for d in [*result["domains"], "Avg"]:
-        table.add_column(d, justify="right")
-    for name in result["methods"]:
-        row = result["results"][name]
-        table.add_row(name, *(_cell(row["target_accuracy"][d]) for d in result["domains"]),
-                      _cell(row["average"]))
-    console.print(table)
+    domains = result["domains"]
+    rows = [[name, *(_cell(result["results"][name]["target_accuracy"][d]) for d in domains),
+             _cell(result["results"][name]["average"])] for name in result["methods"]]
+    console.print("Leave-one-domain-out, training-domain validation (mean ± std over "
+                  f"{len(result['seeds'])} seed(s))")
+    # plain lines: a rich table would cut domain names and wrap "mean ± std" at 80 columns
+    console.out("\n".join(text_table(["method", *domains, "Avg"], rows, console.width)),
+                highlight=False)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

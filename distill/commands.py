@@ -13,6 +13,7 @@ from dgkit.errors import DgkitError, require_extra
 from dgkit.train_config import train_default as DEFAULT
 
 if TYPE_CHECKING:
+    from dgkit.data import DomainData
     from dgkit.records import Summary
 
 EXAMPLES = """
@@ -240,7 +241,13 @@ def _print_summary(summary: Summary | None, out: Path) -> None:
     console.print(f"[bold green]done[/]: {out}  target accuracy {text} at step "
                   f"{summary.best_step} ({how})")
     if summary.teacher_zero_shot_accuracy:
+        from dgkit.data import at_chance
+        from dgkit.rundir import RunDir
+
         zs = ", ".join(f"{d} {a:.1f}" for d, a in summary.teacher_zero_shot_accuracy.items())
+        if at_chance(summary.teacher_zero_shot_accuracy, RunDir(out).config().data_root):
+            zs += (" [yellow]at chance[/]: no better than always answering one class (random "
+                   "weights, or class names it cannot read)")
         console.print(f"teacher zero-shot: {zs}")
     if summary.plumbing_check:
         console.print("[yellow]plumbing check:[/] the teacher has no published weights (a "
@@ -248,33 +255,76 @@ def _print_summary(summary: Summary | None, out: Path) -> None:
                       "the method")
 
 
+MANY_CLASSES = 100  # up to this many classes the grid lists all of them
+SCARCEST = 20  # above: the classes a check is for, those with the fewest images in a domain
+
+
+def count_report(data: DomainData, width: int, every: bool = False) -> list[str]:
+    """`dgkit data check`'s lines, none wider than `width`: each domain's images and class
+    sizes, then the images of each class in each domain, classes as rows so that any number
+    of them fits."""
+    import textwrap
+
+    from dgkit.text_table import text_table
+
+    counts = data.counts()
+    size = f"{len(data.domains)} domains, {len(data.classes)} classes, {len(data.samples)} images"
+    title = f"{data.root}: {size}"
+    lines = [title] if len(title) <= width else [f"{data.root}:", size]  # the path whole
+    lines += ["", *text_table(
+        ["domain", "images", "classes", "smallest class", "largest class"],
+        [[name, str(row.sum()), str((row > 0).sum()), str(row.min()), str(row.max())]
+         for name, row in zip(data.domains, counts, strict=True)], width)]
+    shown = list(range(len(data.classes)))
+    lines.append("")
+    if len(shown) > MANY_CLASSES and not every:
+        shown = sorted(shown, key=lambda c: (counts[:, c].min(), counts[:, c].sum()))[:SCARCEST]
+        note = (f"The {SCARCEST} of {len(data.classes)} classes with the fewest images in a "
+                "domain (--all lists every class, --json prints every count):")
+        lines += textwrap.wrap(note, width)
+    lines += text_table(["class", *data.domains, "total"],
+                        [[data.classes[c], *map(str, counts[:, c]), str(counts[:, c].sum())]
+                         for c in shown], width)
+    return lines
+
+
 @data_app.command("check")
 def data_check(
     root: Annotated[Path, typer.Argument(help="Root of <domain>/<class>/<image>.")],
     workers: Annotated[int, typer.Option(help="Decoding threads.")] = 4,
+    every: Annotated[bool, typer.Option(
+        "--all", help=f"List every class, also when there are more than {MANY_CLASSES}.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the counts and the unreadable images as JSON instead.")] = False,
 ) -> None:
-    """Print the domain x class table and every unreadable image (exit 1 if any)."""
-    from rich.table import Table
+    """Print each domain's images and class sizes, the images of each class in each domain,
+    and every unreadable image (exit 1 if any)."""
+    import json
+    import shutil
 
     from dgkit.data import decode_samples, discover
     from dgkit.preprocess import PreprocessSpec
     from dgkit.progress import console
 
     data = discover(root)
-    counts = data.counts()
-    table = Table(title=f"{data.root}: {len(data.samples)} images")
-    table.add_column("domain")
-    for c in data.classes:
-        table.add_column(c, justify="right")
-    table.add_column("total", justify="right")
-    for d, name in enumerate(data.domains):
-        cells = [str(n) if n else "[red]0[/]" for n in counts[d]]
-        table.add_row(name, *cells, str(counts[d].sum()))
-    console.print(table)
+    if not as_json:  # the counts first: decoding a large dataset takes minutes
+        print("\n".join(count_report(data, shutil.get_terminal_size().columns, every)),
+              flush=True)
     for warning in data.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     decoded = decode_samples(data, range(len(data.samples)), PreprocessSpec(32, 32),
                              "Decoding", workers=workers)
+    if as_json:
+        counts = data.counts()
+        print(json.dumps({
+            "root": str(data.root), "images": len(data.samples),
+            "domains": data.domains, "classes": data.classes,
+            "counts": {d: dict(zip(data.classes, map(int, row), strict=True))
+                       for d, row in zip(data.domains, counts, strict=True)},
+            "warnings": data.warnings,
+            "unreadable": [{"path": str(path), "why": why} for path, why in decoded.bad],
+        }, indent=1))
     for path, why in decoded.bad:
         console.print(f"[red]unreadable:[/] {path}: {why}")
     console.print(f"{len(decoded.bad)} unreadable of {len(data.samples)} images")
