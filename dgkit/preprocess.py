@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,10 @@ class ImageError(DgkitError):
     """An image that cannot be decoded; the message says which one and why."""
 
 
+class ImageTooLarge(ImageError):
+    """An image whose decoded size is over a pixel limit; the message gives size and limit."""
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """Resize the shorter side to `resize_size`, centre-crop `input_size`, scale to [0, 1]."""
@@ -43,6 +49,11 @@ class PreprocessSpec:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def draft_size(self) -> int:
+        """The size a large JPEG may be decoded down to: the resize needs no more."""
+        return self.resize_size
 
     def to_metadata(self) -> dict[str, str]:
         return {
@@ -108,10 +119,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_image(source: ImageSource, draft_size: int | None = None) -> Image.Image:
+def decode_image(source: ImageSource, draft_size: int | None = None,
+                 name: str | None = None) -> Image.Image:
     """Decode a path, bytes, PIL image or HxW[x3|4] uint8 array into an RGB PIL image.
 
-    `draft_size` lets JPEG decode at a reduced scale when the image is far larger than needed.
+    `draft_size` lets JPEG decode at a reduced scale when the image is far larger than needed;
+    `name` stands for the image in error messages (default: its path).
     """
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or min(source.shape[:2]) < 1:
@@ -120,35 +133,64 @@ def decode_image(source: ImageSource, draft_size: int | None = None) -> Image.Im
         return _to_rgb(Image.fromarray(source))
     if isinstance(source, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(source) or source)
+    name = name or _name(source)
+    img = open_image(source, draft_size, name=name)
+    with _decoding(name):
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+    return _to_rgb(img)
+
+
+def open_image(source: str | Path | bytes, draft_size: int | None = None,
+               max_pixels: int = MAX_PIXELS, limit_hint: str = "",
+               name: str | None = None) -> Image.Image:
+    """Read an image file's header only: the result knows its format and the size it will decode
+    to (a JPEG's reduced by `draft_size`) and holds no pixels yet.
+
+    Raises ImageTooLarge when that size is over `max_pixels` (`limit_hint` ends the message),
+    ImageError when the file is unreadable or not an image; both name `name` (default: the path).
+    """
+    name = name or _name(source)
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as exc:
-        raise ImageError(f"cannot read {_name(source)}: {exc.strerror or exc}") from exc
+        raise ImageError(f"cannot read {name}: {exc.strerror or exc}") from exc
     if not data:
-        raise ImageError(f"{_name(source)} is empty (0 bytes)")
+        raise ImageError(f"{name} is empty (0 bytes)")
+    limit = f"the {max_pixels / 1e6:g}-megapixel limit{limit_hint}"
+    try:
+        with _decoding(name), warnings.catch_warnings():
+            # PIL warns from the header size, before a JPEG draft shrinks it; the check below is
+            # on the size actually decoded, and stricter than PIL's warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+    except ImageTooLarge as exc:  # over twice PIL's limit: PIL refuses to open it at all
+        bomb = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+        raise ImageTooLarge(f"{name} is too large: over {bomb:.0f} megapixels, above {limit}"
+                            ) from exc
+    if img.width * img.height > max_pixels:
+        decoded = f" (decoded at {img.width}x{img.height})" if img.size != (width, height) else ""
+        raise ImageTooLarge(f"{name} is {width}x{height} pixels{decoded}, "
+                            f"{img.width * img.height / 1e6:.1f} megapixels, over {limit}")
+    return img
+
+
+@contextmanager
+def _decoding(name: str) -> Iterator[None]:
+    """Turn what PIL raises for a broken or oversized file into one ImageError naming it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > MAX_PIXELS and img.format != "JPEG":
-                raise ImageError(f"{_name(source)} is {img.width}x{img.height}, over the "
-                                 f"{MAX_PIXELS // 1_000_000} megapixel limit")
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{_name(source)} is {img.width}x{img.height}, over the "
-                                 f"{MAX_PIXELS // 1_000_000} megapixel limit")
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-    except ImageError:
-        raise
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{_name(source)} is too large to decode safely ({exc})") from exc
+        raise ImageTooLarge(f"{name} is too large to decode safely ({exc})") from exc
     except Exception as exc:  # broken files raise OSError, EOFError, struct.error, IndexError...
         reason = "not an image" if isinstance(exc, Image.UnidentifiedImageError) else (
             str(exc) or type(exc).__name__)
-        raise ImageError(f"{_name(source)} cannot be decoded: {reason}") from exc
-    return _to_rgb(img)
+        raise ImageError(f"{name} cannot be decoded: {reason}") from exc
 
 
 def prepare(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -163,9 +205,10 @@ def prepare(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_prepared(source: ImageSource, spec: PreprocessSpec) -> np.ndarray:
+def load_prepared(source: ImageSource, spec: PreprocessSpec, name: str | None = None
+                  ) -> np.ndarray:
     """Decode and prepare one image: the single preprocessing path of train, validate and serve."""
-    return prepare(decode_image(source, draft_size=spec.resize_size), spec)
+    return prepare(decode_image(source, draft_size=spec.draft_size, name=name), spec)
 
 
 def to_model_input(batch: np.ndarray) -> np.ndarray:

@@ -2,93 +2,254 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgkit import __version__
-from dgkit.preprocess import ImageError
+from dgkit.preprocess import ImageError, ImageTooLarge
+from dgkit.serve.limits import ServeLimits, flag
 from dgkit.serve.predictor import Predictor
 
 MAX_FILES = 64  # images per request; a batch larger than this belongs to `dgkit predict`
+# What a 503 tells the client to wait: images ahead of it decode in tens of ms a megapixel.
+RETRY_AFTER_S = 5
+STATE = "dgkit.request"  # the scope key of a request's RequestState
+
+log = logging.getLogger("uvicorn.error")  # uvicorn prints this one
+T = TypeVar("T")
 
 
-class BodyLimit:
-    """Answer 413 to a request body over `max_bytes`, declared or streamed.
+@dataclass
+class RequestState:
+    """What RequestGuard needs to know of a request in progress, kept in its ASGI scope."""
 
-    The body is read here, before the app sees it, so that an over-long upload never reaches
-    the multipart parser and no error surfaces from inside the endpoint as a 500.
+    images: int | None = None  # set once /predict knows how many it got
+    decoded: int = 0
+    waiting_for_pixels: bool = False
+
+
+class PixelBudget:
+    """Pixels being decoded at once across all requests, first come first served (so that a
+    large image is not passed over forever by small ones).
+
+    `submit` holds an image's pixels until its decoding thread ends, not until the request
+    that asked is cancelled: until then the pixels are still in memory.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def submit(self, pixels: int, executor: Executor, fn: Callable[..., T], *args: Any
+               ) -> asyncio.Future[T]:
+        """Run `fn` on `executor` holding `pixels`, taken with `acquire`, until it ends."""
+        loop = asyncio.get_running_loop()
+        try:
+            job = executor.submit(fn, *args)
+        except BaseException:
+            self.release(pixels)
+            raise
+        job.add_done_callback(lambda _: _call_soon(loop, self.release, pixels))
+        return asyncio.wrap_future(job)
+
+    async def acquire(self, pixels: int) -> None:
+        if not self._waiters and self.used + pixels <= self.limit:
+            self.used += pixels
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((pixels, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                if (pixels, waiter) in self._waiters:
+                    self._waiters.remove((pixels, waiter))
+                self._grant()  # it may have been the head that held the others back
+            else:  # granted just as it was cancelled
+                self.release(pixels)
+            raise
+
+    def release(self, pixels: int) -> None:
+        self.used -= pixels
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters:
+            pixels, waiter = self._waiters[0]
+            if not waiter.done():
+                if self.used + pixels > self.limit:
+                    return
+                self.used += pixels
+                waiter.set_result(None)
+            self._waiters.popleft()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Schedule `fn` on `loop` from any thread; nothing to do once the loop has closed."""
+    with suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
+
+
+class RequestGuard:
+    """Bound each HTTP request: 413 for a body over `max_bytes` (declared or streamed); past
+    `timeout` seconds 504, or 503 with Retry-After if it was still waiting for room to decode;
+    and its work cancelled as soon as its client disconnects.
+
+    The body is read here, before the app sees it, so that an over-long upload never reaches
+    the multipart parser and no error surfaces from inside the endpoint as a 500. The app then
+    runs as its own task while this one waits for the client's disconnect, which uvicorn
+    reports as it happens; cancelling the task stops the request at its next await: before
+    its next image, or while it waits for room or for a thread (whose one image is finished
+    and dropped).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        state = scope[STATE] = RequestState()
+        sent: set[str] = set()  # the response messages sent so far
+
+        async def tracked(message: Message) -> None:
+            if message["type"] == "http.response.start" or not message.get("more_body"):
+                sent.add(message["type"])
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self._run(scope, receive, tracked, sent), self.timeout)
+        except asyncio.TimeoutError:
+            self._log_stop(scope, "over --request-timeout")
+            if "http.response.start" not in sent:
+                await self._timed_out(scope, state, send)
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, sent: set[str]) -> None:
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        # After the body, uvicorn's next message is http.disconnect: when the client goes, or
+        # once the response is complete.
+        client_left = asyncio.ensure_future(receive())
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # after the body: wait for the disconnect, without consuming it
+                return await asyncio.shield(client_left)
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        app = asyncio.ensure_future(self.app(scope, replay, send))
+        try:
+            await asyncio.wait({app, client_left}, return_when=asyncio.FIRST_COMPLETED)
+            if not app.done() and "http.response.body" not in sent:
+                app.cancel()
+                await asyncio.wait({app})
+                self._log_stop(scope, "the client disconnected")
+                return
+            await app
+        finally:
+            client_left.cancel()
+            if not app.done():  # cancelled from outside: past the timeout, or shutting down
+                app.cancel()
+                await asyncio.wait({app})
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body, or None once a 413 is sent or the client has gone."""
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._too_large(scope, send)
-            return
+            return None
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_bytes:
                 await self._too_large(scope, send)
-                return
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: wait for the disconnect
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+                return None
+        return b"".join(chunks)
 
     async def _too_large(self, scope: Scope, send: Send) -> None:
         mb = self.max_bytes / 2**20
-        response = JSONResponse({"detail": f"request body is over the {mb:g} MB limit"},
-                                status_code=413, headers={"Connection": "close"})
-        await response(scope, _no_body, send)
+        await _answer(scope, send, 413, f"request body is over the {mb:g} MB limit "
+                                        f"({flag('max_request_mb')})", {"Connection": "close"})
+
+    async def _timed_out(self, scope: Scope, state: RequestState, send: Send) -> None:
+        if state.waiting_for_pixels:
+            await _answer(scope, send, 503, f"the server was busy decoding other requests' "
+                          f"images for the whole {self.timeout:g} s {flag('request_timeout')}; "
+                          f"retry later", {"Retry-After": str(RETRY_AFTER_S)})
+        else:
+            await _answer(scope, send, 504, f"the request took longer than the {self.timeout:g} "
+                          f"s {flag('request_timeout')} and was stopped")
+
+    @staticmethod
+    def _log_stop(scope: Scope, reason: str) -> None:
+        state: RequestState = scope[STATE]
+        done = f" after {state.decoded} of {state.images} images" if state.images else ""
+        log.info("stopped %s %s (%s)%s", scope["method"], scope["path"], reason, done)
+
+
+async def _answer(scope: Scope, send: Send, status: int, detail: str,
+                  headers: dict[str, str] | None = None) -> None:
+    response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    await response(scope, _no_body, send)
 
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _bad_request(detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=400)
+def _error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
 
 
-def _predict(predictor: Predictor, files: list[tuple[str, bytes]], top_k: int
-             ) -> list[dict[str, Any]]:
-    """Decode all files (ImageError names the bad one), then run them as one batch."""
-    prepared = []
-    for name, data in files:
-        try:
-            prepared.append(predictor.prepare(data))
-        except ImageError as exc:
-            raise ImageError(str(exc).replace("<bytes>", name, 1)) from exc
-    results = predictor.predict_prepared(np.stack(prepared), top_k)
-    return [{"file": name, **r.to_dict()} for (name, _), r in zip(files, results, strict=True)]
+def _decoded_sizes(predictor: Predictor, files: list[tuple[str, bytes]], limits: ServeLimits
+                   ) -> list[int]:
+    """Every file's decoded pixels, from its header (ImageError names the bad file)."""
+    hint = f" per image; send a smaller image or raise {flag('max_image_megapixels')}"
+    return [predictor.decoded_pixels(data, name, limits.image_pixels, hint)
+            for name, data in files]
 
 
-def create_app(predictor: Predictor, max_request_mb: float = 10.0) -> FastAPI:
-    app = FastAPI(title="dgkit", version=__version__,
+def create_app(predictor: Predictor, limits: ServeLimits | None = None) -> FastAPI:
+    limits = limits or ServeLimits()
+    # Decoding, header reading and inference block: they run on threads, off the event loop,
+    # which keeps watching for timeouts and disconnects. Decoding has threads of its own, as
+    # many as cores: more would only hold more decoded images in memory at once.
+    decoders = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="dgkit-decode")
+    budget = PixelBudget(limits.inflight_pixels)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        decoders.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="dgkit", version=__version__, lifespan=lifespan,
                   description="Image classification with a distilled dgkit model.")
+    app.state.budget = budget
+
+    async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -96,31 +257,55 @@ def create_app(predictor: Predictor, max_request_mb: float = 10.0) -> FastAPI:
 
     @app.get("/model")
     def model() -> dict[str, Any]:
-        return predictor.describe()
+        return {**predictor.describe(), "limits": limits.to_dict()}
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = 5) -> Any:
         """Multipart upload, field `file` (repeat it for several images)."""
         if top_k < 1:
-            return _bad_request(f"top_k must be at least 1, not {top_k}")
+            return _error(400, f"top_k must be at least 1, not {top_k}")
         try:
             form = await request.form(max_files=MAX_FILES)
         except Exception as exc:  # malformed multipart, too many parts
-            return _bad_request(f"cannot parse the upload as multipart/form-data: {exc}")
+            return _error(400, f"cannot parse the upload as multipart/form-data: {exc}")
         try:
             uploads = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
             if not uploads:
-                return _bad_request("send the images as multipart/form-data field 'file'")
+                return _error(400, "send the images as multipart/form-data field 'file'")
             files = [(u.filename or f"file {i + 1}", await u.read())
                      for i, u in enumerate(uploads)]
         finally:
             await form.close()
+        state: RequestState = request.scope[STATE]
+        state.images = len(files)
         try:
-            # Decoding and inference block: run them in the thread pool, off the event loop.
-            results = await run_in_threadpool(_predict, predictor, files, top_k)
+            sizes = await in_thread(_decoded_sizes, predictor, files, limits)
+        except ImageTooLarge as exc:
+            return _error(413, str(exc))
         except ImageError as exc:
-            return _bad_request(str(exc))
-        return {"backend": predictor.backend, "predictions": results}
+            return _error(400, str(exc))
+        if sum(sizes) > limits.request_pixels:
+            return _error(413, f"the {len(files)} images are {sum(sizes) / 1e6:.1f} megapixels "
+                          f"in all, over the {limits.max_request_megapixels:g}-megapixel limit "
+                          f"per request; send fewer or smaller images or raise "
+                          f"{flag('max_request_megapixels')}")
+        prepared = []
+        # Each image is decoded from its bytes inside its thread, so that no decoded image
+        # outlives its step: only the small prepared arrays accumulate.
+        for (name, data), pixels in zip(files, sizes, strict=True):
+            state.waiting_for_pixels = True
+            await budget.acquire(pixels)
+            state.waiting_for_pixels = False
+            try:
+                prepared.append(await budget.submit(pixels, decoders, predictor.prepare, data,
+                                                    name))
+            except ImageError as exc:
+                return _error(400, str(exc))
+            state.decoded += 1
+        results = await in_thread(predictor.predict_prepared, np.stack(prepared), top_k)
+        return {"backend": predictor.backend,
+                "predictions": [{"file": name, **r.to_dict()}
+                                for (name, _), r in zip(files, results, strict=True)]}
 
-    app.add_middleware(BodyLimit, max_bytes=int(max_request_mb * 2**20))
+    app.add_middleware(RequestGuard, max_bytes=limits.max_bytes, timeout=limits.request_timeout)
     return app

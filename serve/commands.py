@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from dgkit.errors import DgkitError, require_extra
+from dgkit.serve.limits import ServeLimits
 
 if TYPE_CHECKING:
     from dgkit.serve.predictor import Prediction
@@ -169,14 +170,35 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server.")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    max_request_mb: Annotated[float, typer.Option("--max-request-mb",
-                                                  help="Larger requests get 413.")] = 10.0,
+    max_request_mb: Annotated[float, typer.Option(
+        "--max-request-mb", help="Larger request bodies get 413.")] = ServeLimits.max_request_mb,
+    max_image_megapixels: Annotated[float, typer.Option(
+        "--max-image-megapixels",
+        help="Largest image, in decoded pixels, read from its header before any decoding: a "
+             "larger one gets 413. A small PNG can decode to gigabytes (about 8 bytes a pixel, "
+             "20 with alpha); a large JPEG decodes at reduced scale and counts as such."
+    )] = ServeLimits.max_image_megapixels,
+    max_request_megapixels: Annotated[float, typer.Option(
+        "--max-request-megapixels",
+        help="Decoded pixels all images of one request may add up to; more gets 413 before "
+             "any is decoded.")] = ServeLimits.max_request_megapixels,
+    max_inflight_megapixels: Annotated[float, typer.Option(
+        "--max-inflight-megapixels",
+        help="Pixels being decoded at once across all requests, which bounds the server's "
+             "memory; a request waits its turn, and one that finds no room within "
+             "--request-timeout gets 503 with Retry-After. At least --max-image-megapixels."
+    )] = ServeLimits.max_inflight_megapixels,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout",
+        help="Seconds a request may take, upload included; a slower one gets 504 and its "
+             "remaining images are not decoded. (A request whose client disconnects stops "
+             "the same way.)")] = ServeLimits.request_timeout,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
 ) -> None:
     """Serve the model over HTTP: POST /predict (multipart 'file'), GET /health, GET /model."""
     _require_serve_extra()
-    if max_request_mb <= 0:
-        raise DgkitError(f"--max-request-mb must be positive, not {max_request_mb}")
+    limits = ServeLimits(max_request_mb, max_image_megapixels, max_request_megapixels,
+                         max_inflight_megapixels, request_timeout)
     if not 0 < port < 65536:
         raise DgkitError(f"--port must be between 1 and 65535, not {port}")
     import signal
@@ -187,8 +209,9 @@ def serve(
     from dgkit.serve.app import create_app
     from dgkit.serve.predictor import Predictor
 
+    _return_freed_memory()
     predictor = Predictor(model, backend)
-    app = create_app(predictor, max_request_mb)
+    app = create_app(predictor, limits)
     console.print(f"serving {model.name} ({len(predictor.classes)} classes) on backend "
                   f"{predictor.backend} at http://{host}:{port}")
     # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal under the
@@ -197,6 +220,22 @@ def serve(
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
                 server_header=False)
+
+
+def _return_freed_memory() -> None:
+    """Have glibc hand large freed blocks back to the OS at once. By default it raises its mmap
+    threshold after each large free, after which decoded images land in per-thread arenas that
+    keep their size: the server's memory would stay at the peak of every decoding thread, and
+    --max-inflight-megapixels would bound the work in flight but not the memory."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):  # no C library by that name (Windows)
+        return
+    if hasattr(libc, "mallopt"):  # glibc; other C libraries have no such threshold to pin
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MB and more are mmapped
 
 
 def bench_infer(

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from dgkit.errors import DgkitError
-from dgkit.preprocess import ImageSource, load_prepared, to_model_input
+from dgkit.preprocess import MAX_PIXELS, ImageSource, load_prepared, open_image, to_model_input
 from dgkit.serve.backends import OrtRunner, Runner, check_backend
 
 log = logging.getLogger("dgkit.serve")
@@ -105,9 +105,19 @@ class Predictor:
         self._runner = runner
         log.info("%s runs on backend %s", path.name, self.backend)
 
-    def prepare(self, source: ImageSource) -> np.ndarray:
-        """Decode, resize and crop one image to HxWx3 uint8, as training did."""
-        return load_prepared(source, self.spec)
+    def prepare(self, source: ImageSource, name: str | None = None) -> np.ndarray:
+        """Decode, resize and crop one image to HxWx3 uint8, as training did; errors name `name`
+        (default: the path)."""
+        return load_prepared(source, self.spec, name)
+
+    def decoded_pixels(self, data: bytes, name: str, max_pixels: int = MAX_PIXELS,
+                       limit_hint: str = "") -> int:
+        """The pixels `prepare` would decode, read from the file's header alone.
+
+        Raises ImageTooLarge over `max_pixels`, ImageError for a broken file; both name `name`.
+        """
+        img = open_image(data, self.spec.draft_size, max_pixels, limit_hint, name)
+        return img.width * img.height
 
     def run_batch(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, H, W] in [0, 1] -> float32 logits [N, C]."""
