@@ -247,6 +247,30 @@ class Summary(Record):
 
 # ---------------------------------------------------------------------- export/report.json
 @dataclass
+class GateCheck:
+    """One check of the validation gate: an artifact against torch FP32 on the same images.
+
+    A drop ("drop": the held-out images, "source_drop": the source-validation split) is in
+    points of accuracy: `fp32_only` images are right in torch FP32 and wrong in the artifact,
+    `artifact_only` the reverse, so the drop is their difference over `images`. Agreement is
+    the % of images whose top-1 is torch FP32's; `differ` counts the others. The check passes
+    unless its whole 95 % interval [`low`, `high`] is beyond `limit`."""
+
+    name: str  # "drop", "source_drop" or "agreement"
+    on: str  # the images: the held-out domains joined by "+", or "source_val"
+    images: int
+    value: float
+    low: float
+    high: float
+    limit: float
+    passed: bool
+    right: int = 0  # drops: images the artifact gets right
+    fp32_only: int = 0
+    artifact_only: int = 0
+    differ: int = 0  # agreement
+
+
+@dataclass
 class ArtifactResult:
     """One artifact's row of the validation report; accuracies and agreement in percent."""
 
@@ -261,9 +285,12 @@ class ArtifactResult:
     agreement_by_set: dict[str, float] = field(default_factory=dict)
     latency_ms: float | None = None  # batch 1, median
     throughput: float | None = None  # images/s at batch 32
-    drop: float | None = None  # torch FP32 target accuracy minus this one, in points
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # one sentence per failed check
     skipped: str = ""
+    checks: list[GateCheck] = field(default_factory=list)  # none for torch FP32 itself
+    # Rows: true class, columns: predicted, in ValidationReport.classes order, on the report's
+    # `confusion_on` images.
+    confusion: list[list[int]] | None = None
 
     @property
     def name(self) -> str:
@@ -273,12 +300,19 @@ class ArtifactResult:
     def status(self) -> str:
         return "skipped" if self.skipped else ("FAIL" if self.failures else "ok")
 
+    def check(self, name: str) -> GateCheck | None:
+        return next((c for c in self.checks if c.name == name), None)
+
 
 @dataclass
 class ValidationReport(Record):
-    """export/report.json, written by `dgkit validate` and by `dgkit export`."""
+    """export/report.json, written by `dgkit validate` and by `dgkit export`.
 
-    FORMAT: ClassVar[int] = 2
+    Format 3 added the gate's other limits, its per-artifact checks with their intervals, the
+    confusion matrices and `max_images`; an earlier report loads with those absent (None or
+    empty) and keeps the failures it was written with."""
+
+    FORMAT: ClassVar[int] = 3
     WHAT: ClassVar[str] = "validation report"
 
     model: str
@@ -292,8 +326,29 @@ class ValidationReport(Record):
     export: dict[str, Any] | None = None  # what `dgkit export` wrote and how long it took
     validate_seconds: float | None = None
     provenance: dict[str, Any] | None = None  # dgkit version, commit, command, machine
+    max_source_drop: float | None = None
+    min_agreement: float | None = None
+    intervals: str = ""  # how the checks' 95 % intervals are computed
+    max_images: int | None = None  # set: a partial validation, at most this many images a set
+    classes: list[str] = field(default_factory=list)
+    confusion_on: str = ""  # the images of the confusion matrices, as GateCheck.on
+
+    @classmethod
+    def migrate(cls, fields: dict[str, Any], version: int) -> dict[str, Any]:
+        artifacts = fields.get("artifacts")
+        if version < 3 and isinstance(artifacts, list):
+            # "drop" was the difference of mean target accuracies; format 3 keeps the paired
+            # drop in the artifact's checks.
+            for artifact in artifacts:
+                if isinstance(artifact, dict):
+                    artifact.pop("drop", None)
+        return fields
 
     @classmethod
     def build(cls, fields: dict[str, Any]) -> ValidationReport:
-        fields["artifacts"] = [ArtifactResult(**a) for a in fields["artifacts"]]
-        return cls(**fields)
+        artifacts = []
+        for a in fields["artifacts"]:
+            a = dict(a)
+            checks = [GateCheck(**c) for c in a.get("checks", [])]
+            artifacts.append(ArtifactResult(**{**a, "checks": checks}))
+        return cls(**{**fields, "artifacts": artifacts})

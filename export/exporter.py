@@ -19,6 +19,7 @@ from rich.markup import escape
 from dgkit.atomic import atomic_path
 from dgkit.errors import DgkitError, require_extra
 from dgkit.export import formats
+from dgkit.export.commands import Gate
 from dgkit.export.formats import CALIB_CACHE, TIMING_CACHE, Format
 from dgkit.export.quantize import DEFAULT_CALIB_METHOD
 from dgkit.progress import console
@@ -37,8 +38,14 @@ class ExportOptions:
     data: Path | None = None  # default: the run's data root
     validate: bool = True
     max_images: int | None = None
-    max_drop: float = 1.0
+    max_drop: float = Gate.max_drop
+    max_source_drop: float = Gate.max_source_drop
+    min_agreement: float = Gate.min_agreement
     latency_runs: int = 50
+
+    @property
+    def gate(self) -> Gate:
+        return Gate(self.max_drop, self.max_source_drop, self.min_agreement)
 
 
 def _check_export_dir(path: Path) -> None:
@@ -160,6 +167,7 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     from dgkit.export.images import MIN_CALIB_IMAGES
     from dgkit.export.quantize import CALIB_METHODS
 
+    gate = opts.gate  # refuses a limit out of range before any work
     if opts.calib_method not in CALIB_METHODS:
         raise DgkitError(f"--calib-method '{opts.calib_method}' is not one of: "
                          f"{', '.join(CALIB_METHODS)}")
@@ -186,10 +194,6 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     # Without validation only the parity images are needed: 32 from each validation set.
     limit = opts.max_images if opts.validate else ox.PARITY_IMAGES // 2
     config, data, sets = run_context(run, opts.data, limit)
-    if not config.target_domains:
-        console.print(f"{run.path.name} was trained on every domain: validation can check the "
-                      "source validation split only; check a new domain with dgkit validate "
-                      "MODEL.onnx --data DIR --domain D")
     student = load_student(run)
     pixels = np.concatenate([s.pixels for s in sets])
     x = _Export(run, config, opts, data, student, pixels[ox.parity_rows(len(pixels))])
@@ -205,8 +209,10 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     if opts.validate:
         candidates = _candidates(run, student, [(formats.BY_KEY[k], p)
                                                 for k, p in x.written.items()])
-        summary["report"] = _validate(candidates, sets, opts.max_drop, opts.latency_runs,
-                                      run.export, run, dict(summary))
+        # The artifacts are new, so their report is report.json even when partial: an earlier
+        # one would describe the files they replaced. A partial report says so.
+        summary["report"] = _validate(candidates, sets, gate, opts.latency_runs, run.export,
+                                      run, config.classes, opts.max_images, dict(summary))
     return summary
 
 
@@ -221,41 +227,66 @@ def _candidates(run: RunDir, student: Any, artifacts: list[tuple[Format, Path]])
             *(file_candidate(path, fmt) for fmt, path in artifacts)]
 
 
-def _validate(candidates: list, sets: list, max_drop: float, latency_runs: int, folder: Path,
-              run: RunDir | None, export: dict[str, Any] | None = None,
-              stem: str = "report") -> ValidationReport:
+PARTIAL = "-partial"  # the stem's suffix of a validation on at most --max-images images a set
+
+
+def _validate(candidates: list, sets: list, gate: Gate, latency_runs: int, folder: Path,
+              run: RunDir | None, classes: list[str], max_images: int | None,
+              export: dict[str, Any] | None = None, stem: str = "report") -> ValidationReport:
     from dgkit.export.validate import build_report, evaluate, print_table, write_report
 
     t = time.perf_counter()
-    results = evaluate(candidates, sets, max_drop, latency_runs)
+    results = evaluate(candidates, sets, gate, latency_runs, len(classes))
     model = str(run.path) if run else candidates[0].file
-    report = build_report(model, results, sets, max_drop, export,
-                          round(time.perf_counter() - t, 2))
-    paths = write_report(report, folder, stem)
+    report = build_report(model, results, sets, gate, classes, export,
+                          round(time.perf_counter() - t, 2), max_images)
+    metrics, best_step = [], None
+    if run is not None:
+        summary = run.summary()
+        best_step = summary.best_step if summary else None
+        try:
+            metrics = run.read_metrics()
+        except ValueError:  # a line being written by a run still training: no curve
+            metrics = []
+    paths = write_report(report, folder, stem, metrics, best_step)
     print_table(report)
     console.print(f"wrote {', '.join(str(p) for p in paths)}")
     return report
 
 
-def validate_run(run: RunDir, data: Path | None, max_images: int | None, max_drop: float,
-                 latency_runs: int = 50) -> ValidationReport:
-    """`dgkit validate RUN`: torch FP32 and every artifact under RUN/export/."""
+def _stem(stem: str, max_images: int | None, folder: Path) -> str:
+    """The report's stem: a partial validation (--max-images) writes beside the full report and
+    says so, leaving it as it was."""
+    if max_images is None:
+        return stem
+    console.print(f"partial validation (--max-images {max_images}): writing {stem}{PARTIAL}.*; "
+                  f"{folder / stem}.json, if any, is left as it was")
+    return stem + PARTIAL
+
+
+def validate_run(run: RunDir, data: Path | None, max_images: int | None,
+                 gate: Gate | float = Gate(), latency_runs: int = 50) -> ValidationReport:
+    """`dgkit validate RUN`: torch FP32 and every artifact under RUN/export/. `gate`: the
+    limits, or the held-out drop alone (the other limits at their defaults)."""
+    if not isinstance(gate, Gate):
+        gate = Gate(max_drop=gate)
     require_extra("train", "torch")
     run.require_trained()
     artifacts = formats.present(run.export)
     if not artifacts:
         raise DgkitError(f"{run.export} holds no exported model; run dgkit export {run.path} "
                          "first")
-    _, _, sets = run_context(run, data, max_images)
+    config, _, sets = run_context(run, data, max_images)
     from dgkit.distill.students import load_student
 
     student = load_student(run)
-    return _validate(_candidates(run, student, artifacts), sets, max_drop, latency_runs,
-                     run.export, run)
+    return _validate(_candidates(run, student, artifacts), sets, gate, latency_runs,
+                     run.export, run, config.classes, max_images,
+                     stem=_stem("report", max_images, run.export))
 
 
 def validate_model(path: Path, data: Path | None, domains: list[str], max_images: int | None,
-                   max_drop: float, latency_runs: int = 50) -> ValidationReport:
+                   gate: Gate = Gate(), latency_runs: int = 50) -> ValidationReport:
     """`dgkit validate MODEL --data ROOT --domain D`: one exported model, no torch reference."""
     from dgkit.export.images import eval_sets, load_data
     from dgkit.export.validate import file_candidate
@@ -270,6 +301,6 @@ def validate_model(path: Path, data: Path | None, domains: list[str], max_images
     meta = candidate.meta
     loaded = load_data(data, domains, meta.classes)
     sets = eval_sets(loaded, meta.classes, domains, [], 0, meta.preprocess, max_images)
-    return _validate([candidate], sets, max_drop, latency_runs, path.parent, None,
-                     stem=f"{path.name}.report")
-
+    return _validate([candidate], sets, gate, latency_runs, path.parent, None,
+                     list(meta.classes), max_images,
+                     stem=_stem(f"{path.name}.report", max_images, path.parent))
