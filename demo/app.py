@@ -106,9 +106,10 @@ def banners_html(demo: Demo, student_note: str) -> str:
 
 
 def teacher_notes(info: RunInfo) -> list[str]:
-    """What the teacher's column says of it beside "CLIP": whether its zero-shot accuracy was
-    at chance, and whether it has no published weights."""
-    return [*(["at chance"] if info.teacher_at_chance else []),
+    """What the teacher's column says of it beside "CLIP": what it is when dgkit trained it,
+    whether its zero-shot accuracy was at chance, and whether it has no published weights."""
+    return [*([info.teacher_about] if info.teacher_about else []),
+            *(["at chance"] if info.teacher_at_chance else []),
             *(["plumbing check"] if info.plumbing_check else [])]
 
 

@@ -346,6 +346,7 @@ class RunInfo:
     notes: list[str] = field(default_factory=list)
     plumbing_check: bool = False
     teacher_at_chance: bool = False  # zero-shot no better than answering one class
+    teacher_about: str | None = None  # what a teacher trained by dgkit teacher train is
     report_png: Path | None = None
     report_device: str = ""
     report_images: dict[str, int] = field(default_factory=dict)  # validation set sizes
@@ -358,6 +359,8 @@ def run_info(run: RunDir, config: RunConfig, summary: Summary | None) -> RunInfo
     info = RunInfo(name=run.path.name, method=config.method, student_arch=config.student,
                    domains=list(domains), targets=list(targets),
                    plumbing_check=bool(summary and summary.plumbing_check))
+    if config.teacher:
+        info.teacher_about = TeacherSpec.parse(config.teacher).about()
     if summary:
         info.best_step = summary.best_step
         teacher = summary.teacher_zero_shot_accuracy or {}

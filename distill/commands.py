@@ -249,6 +249,10 @@ def _print_summary(summary: Summary | None, out: Path) -> None:
             zs += (" [yellow]at chance[/]: no better than always answering one class (random "
                    "weights, or class names it cannot read)")
         console.print(f"teacher zero-shot: {zs}")
+    from dgkit.teacher_spec import TeacherSpec
+
+    if summary.teacher and (about := TeacherSpec.parse(summary.teacher).about()):
+        console.print(f"teacher: {about}")
     if summary.plumbing_check:
         console.print("[yellow]plumbing check:[/] the teacher has no published weights (a "
                       "random or custom checkpoint), so these accuracies say nothing about "

@@ -34,7 +34,7 @@ from dgkit.export.commands import Gate
 from dgkit.export.formats import TORCH_KEY, Format, format_of
 from dgkit.export.images import SOURCE_VAL, EvalSet
 from dgkit.preprocess import to_model_input
-from dgkit.progress import make_progress
+from dgkit.progress import console, make_progress
 from dgkit.provenance import cpu_name, provenance
 from dgkit.records import ArtifactResult, GateCheck, ValidationReport
 
@@ -662,17 +662,25 @@ def write_report(report: ValidationReport, folder: Path, stem: str = "report",
                  best_step: int | None = None) -> list[Path]:
     """STEM.json, STEM.md, STEM.png, STEM-confusion.png and, from a run's `metrics`,
     training.png; returns the paths written."""
-    paths = [folder / f"{stem}.json", folder / f"{stem}.md", folder / f"{stem}.png"]
+    paths = [folder / f"{stem}.json", folder / f"{stem}.md"]
     report.write(paths[0])
-    chart(report, paths[2])
-    figures = [("Gate checks and latency", paths[2].name)]
-    confusion = folder / f"{stem}-confusion.png"
-    if confusion_chart(report, confusion):
-        paths.append(confusion)
-        figures.append((f"Confusion matrices on {report.confusion_on}", confusion.name))
-    training = folder / "training.png"
-    if training_chart(metrics, best_step, training):
-        paths.append(training)
-        figures.append(("Training loss and validation accuracy", training.name))
+    figures: list[tuple[str, str]] = []
+    try:
+        _pyplot()
+    except ImportError:  # an edge box: dgkit without [train]
+        console.print("no figures: matplotlib is not installed (pip install matplotlib, or "
+                      "dgkit[train])")
+    else:
+        chart(report, folder / f"{stem}.png")
+        paths.append(folder / f"{stem}.png")
+        figures.append(("Gate checks and latency", f"{stem}.png"))
+        confusion = folder / f"{stem}-confusion.png"
+        if confusion_chart(report, confusion):
+            paths.append(confusion)
+            figures.append((f"Confusion matrices on {report.confusion_on}", confusion.name))
+        training = folder / "training.png"
+        if training_chart(metrics, best_step, training):
+            paths.append(training)
+            figures.append(("Training loss and validation accuracy", training.name))
     write_text(paths[1], markdown(report, figures))
     return paths

@@ -1,5 +1,5 @@
-"""`dgkit validate MODEL.onnx --data DIR` on a machine without torch: it runs, never imports
-torch, and scores the model as its numpy twin does."""
+"""`dgkit validate MODEL.onnx --data DIR` on an edge box (dgkit without [train]: no torch, no
+matplotlib): it runs, never imports either, and scores the model as its numpy twin does."""
 
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ with open(os.environ["DGKIT_TORCH_MARK"], "a") as mark:
     mark.write("".join(traceback.format_stack()))
 raise ImportError("torch is not installed here (tests/test_no_torch.py)")
 """
+ABSENT = 'raise ModuleNotFoundError("matplotlib is not installed here", name="matplotlib")\n'
 
 
 def without_torch(tmp_path: Path) -> tuple[dict[str, str], Path]:
-    """An environment in which torch cannot be imported, and the file that records tries."""
-    (tmp_path / "blocker" / "torch").mkdir(parents=True)
-    (tmp_path / "blocker" / "torch" / "__init__.py").write_text(BLOCKER)
+    """An environment in which torch and matplotlib cannot be imported, and the file that
+    records tries to import torch."""
+    for module, body in (("torch", BLOCKER), ("matplotlib", ABSENT)):
+        (tmp_path / "blocker" / module).mkdir(parents=True)
+        (tmp_path / "blocker" / module / "__init__.py").write_text(body)
     mark = tmp_path / "torch_imported.txt"
     path = os.pathsep.join(filter(None, [str(tmp_path / "blocker"),
                                          os.environ.get("PYTHONPATH")]))
@@ -58,6 +61,8 @@ def test_validate_a_model_file_without_torch(tmp_path):
                  "--latency-runs", "2", env=env)
     assert not mark.exists(), f"torch was imported:\n{mark.read_text()}"
     assert proc.returncode == 0, proc.stderr
+    assert "no figures: matplotlib is not installed" in proc.stderr
+    assert (tmp_path / "model.onnx.report.md").is_file()
 
     x = to_model_input(np.stack([load_prepared(p, SPEC) for p in paths]))
     right = (reference_logits(x, weights).argmax(1) == np.array(labels)).mean()

@@ -60,11 +60,19 @@ def test_a_run_with_the_trained_teacher_is_not_a_plumbing_check(world_teacher, t
     data, out, _ = world_teacher
     teacher = json.loads((out / "teacher.json").read_text())["teacher"]
     run = tmp_path / "kd"
-    dgkit("distill", "--data", data, "--target", "sketch", "--method", "kd", "--teacher",
-          teacher, "--student", "timm:test_resnet", "--student-weights", "none", "--steps", "2",
-          "--batch-size", "6", "--image-size", "32", "--quiet", "--out", run, check=True)
+    proc = dgkit("distill", "--data", data, "--target", "sketch", "--method", "kd", "--teacher",
+                 teacher, "--student", "timm:test_resnet", "--student-weights", "none",
+                 "--steps", "2", "--batch-size", "6", "--image-size", "32", "--out", run,
+                 check=True)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["plumbing_check"] is False
+    # distill's output and the demo's teacher column say what this teacher is
+    about = "a CLIP trained by dgkit teacher train on world"
+    assert f"teacher: {about}" in " ".join(proc.stderr.split())
+    from dgkit.demo.app import build_app
+
+    page = json.dumps(build_app(run).get_config_file(), default=str)  # the model card
+    assert f"**Teacher** (CLIP, {about})" in page, page[page.find("**Teacher**"):][:200]
     assert set(summary["teacher_zero_shot_accuracy"]) == set(DOMAINS)
     again = dgkit("teacher", "train", "--data", data, "--out", out, "--steps", "1")
     assert f"{out / 'teacher.safetensors'} exists" in error_line(again)
