@@ -515,7 +515,7 @@ class Trainer:
         console.print(f"[yellow]warning:[/] on this CPU these settings ({cfg.steps} steps of "
                       f"{cfg.batch_size} images at {cfg.image_size} px) take about {hours:.1f} "
                       "h; for a first try pass --recipe fast --steps 300 --image-size 96 "
-                      "--batch-size 24 (as dgkit quickstart does), or train on a GPU",
+                      "--batch-size 24, or train on a GPU",
                       soft_wrap=True)
 
     # ---------------------------------------------------------------- evaluation
