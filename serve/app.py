@@ -1,4 +1,5 @@
-"""The HTTP API: POST /predict, GET /health, GET /model (FastAPI, from the `serve` extra)."""
+"""The HTTP API (FastAPI, from the `serve` extra): POST /predict, GET /health, GET /model, and
+the Open Inference Protocol v2 under /v2 (see v2.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgkit import __version__
-from dgkit.preprocess import ImageError, ImageTooLarge
+from dgkit.preprocess import ImageError, ImageTooLarge, to_model_input
+from dgkit.serve import v2
 from dgkit.serve.limits import ServeLimits, flag
 from dgkit.serve.predictor import Predictor
 
@@ -33,6 +35,14 @@ T = TypeVar("T")
 
 
 @dataclass
+class Refused(Exception):
+    """A request the server will not run: answered with `status` and `detail` as its reason."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
 class RequestState:
     """What RequestGuard needs to know of a request in progress, kept in its ASGI scope."""
 
@@ -211,16 +221,19 @@ class RequestGuard:
 
 async def _answer(scope: Scope, send: Send, status: int, detail: str,
                   headers: dict[str, str] | None = None) -> None:
-    response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
-    await response(scope, _no_body, send)
+    await _error(scope["path"], status, detail, headers)(scope, _no_body, send)
 
 
 async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
 
-def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def _error(path: str, status: int, detail: str, headers: dict[str, str] | None = None
+           ) -> JSONResponse:
+    """An error answer: {"error": ...} under /v2, as the protocol has it, else FastAPI's
+    {"detail": ...}."""
+    key = "error" if path.startswith("/v2/") else "detail"
+    return JSONResponse({key: detail}, status_code=status, headers=headers)
 
 
 def _decoded_sizes(predictor: Predictor, files: list[tuple[str, bytes]], limits: ServeLimits
@@ -231,8 +244,12 @@ def _decoded_sizes(predictor: Predictor, files: list[tuple[str, bytes]], limits:
             for name, data in files]
 
 
-def create_app(predictor: Predictor, limits: ServeLimits | None = None) -> FastAPI:
+def create_app(predictor: Predictor, limits: ServeLimits | None = None,
+               model_name: str | None = None) -> FastAPI:
+    """The app; `model_name` (default: the model file's stem) is its name under /v2/models."""
     limits = limits or ServeLimits()
+    name = model_name or predictor.path.stem.split(".")[0]
+    size, classes = predictor.spec.input_size, predictor.classes
     # Decoding, header reading and inference block: they run on threads, off the event loop,
     # which keeps watching for timeouts and disconnects. Decoding has threads of its own, as
     # many as cores: more would only hold more decoded images in memory at once.
@@ -248,8 +265,52 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None) -> FastA
                   description="Image classification with a distilled dgkit model.")
     app.state.budget = budget
 
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        return _error(request.url.path, exc.status, exc.detail)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises it after this answer, and uvicorn logs the traceback; the
+        # client gets only the error's kind.
+        return _error(request.url.path, 500, f"internal error: {type(exc).__name__}")
+
     async def in_thread(fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def infer(batch: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, H, W] -> logits [N, C]."""
+        return await in_thread(predictor.run_batch, batch)
+
+    async def decode(request: Request, files: list[tuple[str, bytes]]) -> np.ndarray:
+        """Encoded images -> the model's input, within the pixel limits (Refused if not)."""
+        state: RequestState = request.scope[STATE]
+        state.images = len(files)
+        try:
+            sizes = await in_thread(_decoded_sizes, predictor, files, limits)
+        except ImageTooLarge as exc:
+            raise Refused(413, str(exc)) from exc
+        except ImageError as exc:
+            raise Refused(400, str(exc)) from exc
+        if sum(sizes) > limits.request_pixels:
+            raise Refused(413, f"the {len(files)} images are {sum(sizes) / 1e6:.1f} megapixels "
+                          f"in all, over the {limits.max_request_megapixels:g}-megapixel limit "
+                          f"per request; send fewer or smaller images or raise "
+                          f"{flag('max_request_megapixels')}")
+        prepared = []
+        # Each image is decoded from its bytes inside its thread, so that no decoded image
+        # outlives its step: only the small prepared arrays accumulate.
+        for (file, data), pixels in zip(files, sizes, strict=True):
+            state.waiting_for_pixels = True
+            await budget.acquire(pixels)
+            state.waiting_for_pixels = False
+            try:
+                prepared.append(await budget.submit(pixels, decoders, predictor.prepare, data,
+                                                    file))
+            except ImageError as exc:
+                raise Refused(400, str(exc)) from exc
+            state.decoded += 1
+        return to_model_input(np.stack(prepared))
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -263,49 +324,83 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None) -> FastA
     async def predict(request: Request, top_k: int = 5) -> Any:
         """Multipart upload, field `file` (repeat it for several images)."""
         if top_k < 1:
-            return _error(400, f"top_k must be at least 1, not {top_k}")
+            raise Refused(400, f"top_k must be at least 1, not {top_k}")
+        media = request.headers.get("content-type", "")
+        if not media.startswith("multipart/form-data"):
+            raise Refused(415, f"send the images as multipart/form-data field 'file', not "
+                          f"{media or 'a body without a Content-Type'}")
         try:
             form = await request.form(max_files=MAX_FILES)
         except Exception as exc:  # malformed multipart, too many parts
-            return _error(400, f"cannot parse the upload as multipart/form-data: {exc}")
+            raise Refused(400, f"cannot parse the upload as multipart/form-data: {exc}") from exc
         try:
             uploads = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
             if not uploads:
-                return _error(400, "send the images as multipart/form-data field 'file'")
+                raise Refused(400, "send the images as multipart/form-data field 'file'")
             files = [(u.filename or f"file {i + 1}", await u.read())
                      for i, u in enumerate(uploads)]
         finally:
             await form.close()
-        state: RequestState = request.scope[STATE]
-        state.images = len(files)
-        try:
-            sizes = await in_thread(_decoded_sizes, predictor, files, limits)
-        except ImageTooLarge as exc:
-            return _error(413, str(exc))
-        except ImageError as exc:
-            return _error(400, str(exc))
-        if sum(sizes) > limits.request_pixels:
-            return _error(413, f"the {len(files)} images are {sum(sizes) / 1e6:.1f} megapixels "
-                          f"in all, over the {limits.max_request_megapixels:g}-megapixel limit "
-                          f"per request; send fewer or smaller images or raise "
-                          f"{flag('max_request_megapixels')}")
-        prepared = []
-        # Each image is decoded from its bytes inside its thread, so that no decoded image
-        # outlives its step: only the small prepared arrays accumulate.
-        for (name, data), pixels in zip(files, sizes, strict=True):
-            state.waiting_for_pixels = True
-            await budget.acquire(pixels)
-            state.waiting_for_pixels = False
-            try:
-                prepared.append(await budget.submit(pixels, decoders, predictor.prepare, data,
-                                                    name))
-            except ImageError as exc:
-                return _error(400, str(exc))
-            state.decoded += 1
-        results = await in_thread(predictor.predict_prepared, np.stack(prepared), top_k)
+        results = predictor.top_k(await infer(await decode(request, files)), top_k)
         return {"backend": predictor.backend,
-                "predictions": [{"file": name, **r.to_dict()}
-                                for (name, _), r in zip(files, results, strict=True)]}
+                "predictions": [{"file": file, **r.to_dict()}
+                                for (file, _), r in zip(files, results, strict=True)]}
+
+    @app.get("/v2")
+    def v2_server() -> dict[str, Any]:
+        return {"name": "dgkit", "version": __version__, "extensions": v2.EXTENSIONS}
+
+    @app.get("/v2/health/live")
+    def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    def v2_ready() -> dict[str, bool]:
+        return {"ready": True}  # the model is loaded before the server listens
+
+    def check_model(model_name: str, version: str | None = None) -> None:
+        if model_name != name or version not in (None, v2.VERSION):
+            raise Refused(404, f"no model {model_name!r} version {version}; this server has "
+                          f"{name!r} version {v2.VERSION}")
+
+    @app.get("/v2/models/{model_name}")
+    @app.get("/v2/models/{model_name}/versions/{version}")
+    def v2_metadata(model_name: str, version: str | None = None) -> dict[str, Any]:
+        check_model(model_name, version)
+        return v2.model_metadata(name, size, len(classes))
+
+    @app.get("/v2/models/{model_name}/ready")
+    @app.get("/v2/models/{model_name}/versions/{version}/ready")
+    def v2_model_ready(model_name: str, version: str | None = None) -> Response:
+        check_model(model_name, version)
+        return JSONResponse({"name": name, "ready": True})
+
+    @app.post("/v2/models/{model_name}/infer")
+    @app.post("/v2/models/{model_name}/versions/{version}/infer")
+    async def v2_infer(request: Request, model_name: str, version: str | None = None) -> Any:
+        """An OIP v2 infer request with input `image` (FP32 [N, 3, H, W]) or `image_bytes`
+        (BYTES [N], encoded images); output `logits`, top-k labels with `classification`."""
+        check_model(model_name, version)
+        encoding = request.headers.get("content-encoding", "identity")
+        if encoding != "identity":
+            raise Refused(415, f"Content-Encoding {encoding} is not supported; send the "
+                          "request uncompressed")
+        try:
+            parsed = v2.parse_infer_request(await request.body(),
+                                            request.headers.get(v2.HEADER_LENGTH), size,
+                                            MAX_FILES)
+        except v2.TensorError as exc:
+            raise Refused(400, str(exc)) from exc
+        if parsed.tensor is None:
+            batch = await decode(request, [(f"image_bytes[{i}]", data)
+                                           for i, data in enumerate(parsed.files)])
+        else:
+            batch = parsed.tensor
+        body, head = v2.infer_response(name, parsed, await infer(batch), classes)
+        if head is None:
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(head)})
 
     app.add_middleware(RequestGuard, max_bytes=limits.max_bytes, timeout=limits.request_timeout)
     return app

@@ -194,8 +194,12 @@ def serve(
              "remaining images are not decoded. (A request whose client disconnects stops "
              "the same way.)")] = ServeLimits.request_timeout,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
+    model_name: Annotated[str | None, typer.Option(
+        "--model-name", help="The model's name under /v2/models (default: the file name up "
+                             "to its first dot).")] = None,
 ) -> None:
-    """Serve the model over HTTP: POST /predict (multipart 'file'), GET /health, GET /model."""
+    """Serve the model over HTTP: POST /predict (multipart 'file'), GET /health, GET /model, and
+    the Open Inference Protocol v2 (KServe, Triton) under /v2."""
     _require_serve_extra()
     limits = ServeLimits(max_request_mb, max_image_megapixels, max_request_megapixels,
                          max_inflight_megapixels, request_timeout)
@@ -211,7 +215,7 @@ def serve(
 
     _return_freed_memory()
     predictor = Predictor(model, backend)
-    app = create_app(predictor, limits)
+    app = create_app(predictor, limits, model_name)
     console.print(f"serving {model.name} ({len(predictor.classes)} classes) on backend "
                   f"{predictor.backend} at http://{host}:{port}")
     # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal under the

@@ -125,7 +125,10 @@ class Predictor:
 
     def predict_prepared(self, images: np.ndarray, top_k: int = 5) -> list[Prediction]:
         """NxHxWx3 uint8 images (from `prepare`) -> top-k predictions."""
-        logits = self.run_batch(to_model_input(images))
+        return self.top_k(self.run_batch(to_model_input(images)), top_k)
+
+    def top_k(self, logits: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """Logits [N, C] from `run_batch` -> top-k predictions."""
         if logits.ndim != 2 or logits.shape[1] != len(self.classes):
             raise DgkitError(f"{self.path} returned logits of shape {logits.shape} but its "
                              f"metadata lists {len(self.classes)} classes")

@@ -332,7 +332,7 @@ def test_missing_file_field_is_400(server: str) -> None:
     assert r.status_code == 400 and "'file'" in r.json()["detail"]
     r = httpx.post(f"{server}/predict", content=b"raw bytes",
                    headers={"content-type": "application/octet-stream"})
-    assert r.status_code == 400
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
     r = httpx.post(f"{server}/predict?top_k=0", files={"file": ("a.png", encode(photo(0)))})
     assert r.status_code == 400 and "top_k" in r.json()["detail"]
 
