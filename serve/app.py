@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -17,12 +18,15 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgkit import __version__
 from dgkit.preprocess import ImageError, ImageTooLarge, to_model_input
 from dgkit.serve import v2
-from dgkit.serve.limits import ServeLimits, flag
+from dgkit.serve.batcher import Batcher
+from dgkit.serve.limits import Batching, ServeLimits, flag
+from dgkit.serve.metrics import Metrics
 from dgkit.serve.predictor import Predictor
 
 MAX_FILES = 64  # images per request; a batch larger than this belongs to `dgkit predict`
@@ -126,17 +130,24 @@ class RequestGuard:
     and dropped).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float, metrics: Metrics,
+                 routes: list[BaseRoute]) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.metrics, self.routes = metrics, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        start = time.perf_counter()
         state = scope[STATE] = RequestState()
         sent: set[str] = set()  # the response messages sent so far
+        status = "disconnected"
 
         async def tracked(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
             if message["type"] == "http.response.start" or not message.get("more_body"):
                 sent.add(message["type"])
             await send(message)
@@ -146,7 +157,15 @@ class RequestGuard:
         except asyncio.TimeoutError:
             self._log_stop(scope, "over --request-timeout")
             if "http.response.start" not in sent:
-                await self._timed_out(scope, state, send)
+                await self._timed_out(scope, state, tracked)
+        finally:
+            self.metrics.observe_request(self._endpoint(scope), status,
+                                         time.perf_counter() - start)
+
+    def _endpoint(self, scope: Scope) -> str:
+        """The route's path template, so that the label has few values whatever is asked."""
+        return next((getattr(r, "path", "other") for r in self.routes
+                     if r.matches(scope)[0] == Match.FULL), "other")
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, sent: set[str]) -> None:
         body = await self._read_body(scope, receive, send)
@@ -245,9 +264,10 @@ def _decoded_sizes(predictor: Predictor, files: list[tuple[str, bytes]], limits:
 
 
 def create_app(predictor: Predictor, limits: ServeLimits | None = None,
-               model_name: str | None = None) -> FastAPI:
-    """The app; `model_name` (default: the model file's stem) is its name under /v2/models."""
-    limits = limits or ServeLimits()
+               model_name: str | None = None, batching: Batching | None = None) -> FastAPI:
+    """The app; `model_name` (default: the model file's name up to its first dot) is its name
+    under /v2/models."""
+    limits, batching = limits or ServeLimits(), batching or Batching()
     name = model_name or predictor.path.stem.split(".")[0]
     size, classes = predictor.spec.input_size, predictor.classes
     # Decoding, header reading and inference block: they run on threads, off the event loop,
@@ -255,10 +275,14 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None,
     # many as cores: more would only hold more decoded images in memory at once.
     decoders = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="dgkit-decode")
     budget = PixelBudget(limits.inflight_pixels)
+    metrics = Metrics()
+    batchers: list[Batcher] = []  # started at the first request, in the server's event loop
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        for batcher in batchers:
+            await batcher.stop()
         decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="dgkit", version=__version__, lifespan=lifespan,
@@ -279,13 +303,18 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None,
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def infer(batch: np.ndarray) -> np.ndarray:
-        """float32 [N, 3, H, W] -> logits [N, C]."""
-        return await in_thread(predictor.run_batch, batch)
+        """float32 [N, 3, H, W] -> logits [N, C], batched with other requests'."""
+        if not batchers:
+            batchers.append(Batcher(predictor.run_batch, batching.max_batch,
+                                    batching.max_delay_ms / 1000, metrics))
+            batchers[0].start()
+        return await batchers[0].infer(batch)
 
     async def decode(request: Request, files: list[tuple[str, bytes]]) -> np.ndarray:
         """Encoded images -> the model's input, within the pixel limits (Refused if not)."""
         state: RequestState = request.scope[STATE]
         state.images = len(files)
+        start = time.perf_counter()
         try:
             sizes = await in_thread(_decoded_sizes, predictor, files, limits)
         except ImageTooLarge as exc:
@@ -310,7 +339,9 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None,
             except ImageError as exc:
                 raise Refused(400, str(exc)) from exc
             state.decoded += 1
-        return to_model_input(np.stack(prepared))
+        batch = to_model_input(np.stack(prepared))
+        metrics.preprocess.observe(time.perf_counter() - start)
+        return batch
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -318,7 +349,14 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None,
 
     @app.get("/model")
     def model() -> dict[str, Any]:
-        return {**predictor.describe(), "limits": limits.to_dict()}
+        return {**predictor.describe(), "limits": limits.to_dict(),
+                "batching": batching.to_dict()}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        """Prometheus metrics: requests by endpoint and status, latencies, batch sizes."""
+        body, media = metrics.exposition()
+        return Response(body, media_type=media)
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = 5) -> Any:
@@ -402,5 +440,6 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None,
         return Response(body, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(head)})
 
-    app.add_middleware(RequestGuard, max_bytes=limits.max_bytes, timeout=limits.request_timeout)
+    app.add_middleware(RequestGuard, max_bytes=limits.max_bytes, timeout=limits.request_timeout,
+                       metrics=metrics, routes=app.routes)
     return app

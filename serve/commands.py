@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from dgkit.errors import DgkitError, require_extra
-from dgkit.serve.limits import ServeLimits
+from dgkit.serve.limits import Batching, ServeLimits
 
 if TYPE_CHECKING:
     from dgkit.serve.predictor import Prediction
@@ -161,7 +161,7 @@ def predict(
 
 
 def _require_serve_extra() -> None:
-    for module in ("fastapi", "uvicorn", "multipart"):
+    for module in ("fastapi", "uvicorn", "multipart", "prometheus_client"):
         require_extra("serve", module)
 
 
@@ -194,6 +194,14 @@ def serve(
              "remaining images are not decoded. (A request whose client disconnects stops "
              "the same way.)")] = ServeLimits.request_timeout,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", help="Most images in one model call; requests waiting together share "
+                            "one (a larger request runs alone). 1: no batching."
+    )] = Batching.max_batch,
+    max_delay_ms: Annotated[float, typer.Option(
+        "--max-delay-ms", help="How long the first request waiting may wait for others to "
+                               "join its batch. 0 batches only those that queue while the "
+                               "model runs.")] = Batching.max_delay_ms,
     model_name: Annotated[str | None, typer.Option(
         "--model-name", help="The model's name under /v2/models (default: the file name up "
                              "to its first dot).")] = None,
@@ -203,6 +211,7 @@ def serve(
     _require_serve_extra()
     limits = ServeLimits(max_request_mb, max_image_megapixels, max_request_megapixels,
                          max_inflight_megapixels, request_timeout)
+    batching = Batching(max_batch, max_delay_ms)
     if not 0 < port < 65536:
         raise DgkitError(f"--port must be between 1 and 65535, not {port}")
     import signal
@@ -215,7 +224,7 @@ def serve(
 
     _return_freed_memory()
     predictor = Predictor(model, backend)
-    app = create_app(predictor, limits, model_name)
+    app = create_app(predictor, limits, model_name, batching)
     console.print(f"serving {model.name} ({len(predictor.classes)} classes) on backend "
                   f"{predictor.backend} at http://{host}:{port}")
     # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal under the

@@ -71,3 +71,23 @@ class ServeLimits:
 def flag(name: str) -> str:
     """The `dgkit serve` option that sets field `name`."""
     return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching: requests that arrive within `max_delay_ms` of the first one waiting
+    share one model call of up to `max_batch` images. 0 ms still batches the requests that
+    queue while a call runs; `max_batch` 1 turns batching off."""
+
+    max_batch: int = 32
+    max_delay_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise DgkitError(f"{flag('max_batch')} must be at least 1, not {self.max_batch}")
+        if not 0 <= self.max_delay_ms <= 10_000:
+            raise DgkitError(f"{flag('max_delay_ms')} must be between 0 and 10000, not "
+                             f"{self.max_delay_ms}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}

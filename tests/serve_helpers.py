@@ -26,8 +26,8 @@ from dgkit.model_meta import ModelMeta
 from dgkit.preprocess import PreprocessSpec
 from dgkit.serve.bench import free_port  # noqa: F401  (the tests' one free-port helper)
 
-# The import names of the 'serve' extra (fastapi, uvicorn, python-multipart).
-SERVE_EXTRA = ("fastapi", "uvicorn", "multipart")
+# The import names of the 'serve' extra (fastapi, uvicorn, python-multipart, prometheus_client).
+SERVE_EXTRA = ("fastapi", "uvicorn", "multipart", "prometheus_client")
 SERVE_EXTRA_MISSING = [m for m in SERVE_EXTRA if importlib.util.find_spec(m) is None]
 needs_serve_extra = pytest.mark.skipif(
     bool(SERVE_EXTRA_MISSING),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from serve_helpers import (
+    SERVE_EXTRA,
     SERVE_EXTRA_MISSING,
     cli_app,
     encode,
@@ -183,7 +184,7 @@ def test_load_test_counts_a_refused_connection_as_an_error() -> None:
                      timeout=5)["errors"] == 2  # nothing listens: each client fails once
 
 
-@pytest.mark.parametrize("module", ["fastapi", "uvicorn", "multipart"])
+@pytest.mark.parametrize("module", SERVE_EXTRA)
 def test_missing_serve_extra_is_named_before_anything_runs(model: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            module: str) -> None:

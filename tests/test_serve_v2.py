@@ -192,3 +192,61 @@ def test_limits_and_media_errors(running: Server, tmp_path: Path) -> None:
     r = post(running.url, {"inputs": [FP32]}, model="other")
     assert r.status_code == 404 and "no model 'other'" in r.json()["error"]
     assert httpx.get(f"{running.url}/v2/health/live").json() == {"live": True}
+
+
+def scrape(server: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics parsed with prometheus_client's own parser: (sample, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_concurrent_requests_share_a_batch_and_a_bad_image_fails_alone(
+        model: tuple[Path, dict[str, np.ndarray]]) -> None:
+    """Three good images from three clients (/predict, v2 BYTES, v2 FP32) and a bad one: the
+    good ones run as one model call of 3 (--max-batch 3 closes it as soon as they are in, the
+    long delay makes sure they wait for each other) and each gets its own answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, weights = model
+    server = start([str(path), "--backend", "ort-cpu", "--max-batch", "3",
+                    "--max-delay-ms", "5000", "--model-name", NAME])
+    try:
+        files = images()
+        predictor = Predictor(path, "ort-cpu")
+        want = numpy_logits(to_model_input(np.stack([predictor.prepare(f) for f in files])),
+                            weights)
+        labels = [CLASSES[i] for i in want.argmax(1)]
+        fp32 = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                            "data": to_model_input(predictor.prepare(files[2])[None])
+                            .ravel().tolist()}]}
+        asks = [lambda: httpx.post(f"{server.url}/predict", files={"file": ("a.png", files[0])},
+                                   timeout=30),
+                lambda: post(server.url, b64_request(files[1:2])),
+                lambda: post(server.url, fp32),
+                lambda: post(server.url, b64_request([b"not an image"]))]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            answers = [f.result() for f in [pool.submit(ask) for ask in asks]]
+        assert [a.status_code for a in answers] == [200, 200, 200, 400], [a.text for a in answers]
+        assert answers[0].json()["predictions"][0]["label"] == labels[0]
+        assert answers[1].json()["outputs"][0]["data"][0].split(":")[2] == labels[1]
+        np.testing.assert_allclose(answers[2].json()["outputs"][0]["data"], want[2],
+                                   rtol=1e-4, atol=1e-4)
+
+        m = scrape(server.url)
+        assert m[("dgkit_batch_size_count", ())] == 1 and m[("dgkit_batch_size_sum", ())] == 3
+        assert m[("dgkit_inference_seconds_count", ())] == 1
+        assert m[("dgkit_queue_seconds_count", ())] == 3
+        # Decoded: /predict and BYTES; the FP32 tensor came preprocessed, the bad image failed.
+        assert m[("dgkit_preprocess_seconds_count", ())] == 2
+        infer = "/v2/models/{model_name}/infer"
+        requests = {k[1]: v for k, v in m.items() if k[0] == "dgkit_requests_total"}
+        assert requests == {(("endpoint", "/predict"), ("status", "200")): 1,
+                            (("endpoint", infer), ("status", "200")): 2,
+                            (("endpoint", infer), ("status", "400")): 1}
+        assert m[("dgkit_request_seconds_count", (("endpoint", infer),))] == 3
+    finally:
+        code, output = server.stop()
+    assert code == 0 and "Traceback" not in output, output
