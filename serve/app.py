@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -263,6 +263,45 @@ def _decoded_sizes(predictor: Predictor, files: list[tuple[str, bytes]], limits:
             for name, data in files]
 
 
+# /predict reads its form itself (to bound it), so FastAPI cannot infer the upload field.
+UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                            "description": "The image files (JPEG, PNG, WebP, ...): repeat the "
+                                           "field for several images."}}}}}}}
+V2_INFER_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"],
+    "description": "An Open Inference Protocol v2 request: one input, 'image' (FP32 [N, 3, H, "
+                   "W], data a flat list) or 'image_bytes' (BYTES [N], data base64 strings); "
+                   "outputs [{'name': 'logits', 'parameters': {'classification': k}}] for the "
+                   "top k. Binary tensors are accepted with Inference-Header-Content-Length.",
+    "properties": {"id": {"type": "string"}, "inputs": {"type": "array", "items": {
+        "type": "object"}}, "outputs": {"type": "array", "items": {"type": "object"}}}}}}}}
+
+
+def docs_page(schema: dict[str, Any]) -> str:
+    """/docs without the CDN that FastAPI's Swagger UI loads from: a plain page of the routes,
+    their parameters and bodies, from the same OpenAPI schema as /openapi.json."""
+    from html import escape
+
+    rows = []
+    for path, methods in schema["paths"].items():
+        for method, op in methods.items():
+            params = ", ".join(f"{p['name']} ({p['in']})" for p in op.get("parameters", []))
+            bodies = op.get("requestBody", {}).get("content", {})
+            body = "; ".join(f"{media}: {escape(str(b.get('schema', {})))}"
+                             for media, b in bodies.items())
+            rows.append(f"<h3><code>{method.upper()} {escape(path)}</code></h3>"
+                        f"<p>{escape(op.get('description') or op.get('summary', ''))}</p>"
+                        + (f"<p>Parameters: {escape(params)}</p>" if params else "")
+                        + (f"<p>Body: <code>{body}</code></p>" if body else ""))
+    info = schema["info"]
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{info['title']} API"
+            f"</title></head><body><h1>{info['title']} {info['version']}</h1>"
+            f"<p>{escape(info.get('description', ''))} The machine-readable schema is at "
+            f"<a href='/openapi.json'>/openapi.json</a>.</p>{''.join(rows)}</body></html>")
+
+
 def create_app(predictor: Predictor, limits: ServeLimits | None = None,
                model_name: str | None = None, batching: Batching | None = None) -> FastAPI:
     """The app; `model_name` (default: the model file's name up to its first dot) is its name
@@ -286,7 +325,8 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None,
         decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="dgkit", version=__version__, lifespan=lifespan,
-                  description="Image classification with a distilled dgkit model.")
+                  description="Image classification with a distilled dgkit model.",
+                  docs_url=None, redoc_url=None)
     app.state.budget = budget
 
     @app.exception_handler(Refused)
@@ -358,7 +398,11 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None,
         body, media = metrics.exposition()
         return Response(body, media_type=media)
 
-    @app.post("/predict")
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(docs_page(app.openapi()))
+
+    @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
     async def predict(request: Request, top_k: int = 5) -> Any:
         """Multipart upload, field `file` (repeat it for several images)."""
         if top_k < 1:
@@ -413,8 +457,8 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None,
         check_model(model_name, version)
         return JSONResponse({"name": name, "ready": True})
 
-    @app.post("/v2/models/{model_name}/infer")
-    @app.post("/v2/models/{model_name}/versions/{version}/infer")
+    @app.post("/v2/models/{model_name}/infer", openapi_extra=V2_INFER_SCHEMA)
+    @app.post("/v2/models/{model_name}/versions/{version}/infer", openapi_extra=V2_INFER_SCHEMA)
     async def v2_infer(request: Request, model_name: str, version: str | None = None) -> Any:
         """An OIP v2 infer request with input `image` (FP32 [N, 3, H, W]) or `image_bytes`
         (BYTES [N], encoded images); output `logits`, top-k labels with `classification`."""

@@ -250,3 +250,15 @@ def test_concurrent_requests_share_a_batch_and_a_bad_image_fails_alone(
     finally:
         code, output = server.stop()
     assert code == 0 and "Traceback" not in output, output
+
+
+def test_docs_work_offline_and_document_the_upload_field(running: Server) -> None:
+    schema = httpx.get(f"{running.url}/openapi.json").json()
+    form = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert form["schema"]["required"] == ["file"]
+    assert form["schema"]["properties"]["file"]["items"]["format"] == "binary"
+    page = httpx.get(f"{running.url}/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "POST /predict" in page.text and "multipart/form-data" in page.text
+    assert "POST /v2/models/{model_name}/infer" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing to fetch
