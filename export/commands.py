@@ -122,7 +122,14 @@ def export(
     calib_images: Annotated[int, typer.Option(
         help="Calibration images from the source domains' training split.")] = 512,
     max_batch: Annotated[int, typer.Option(
-        help="Largest batch of the TensorRT optimisation profile.")] = 32,
+        help="Largest batch of the TensorRT optimisation profile and of the Triton "
+             "repository.")] = 32,
+    triton: Annotated[str | None, typer.Option(
+        "--triton", metavar="fp32|fp16|int8",
+        help="Also write that artifact as a Triton Inference Server model repository in "
+             "RUN/export/triton/ (config.pbtxt with the onnxruntime backend and dynamic "
+             "batching, labels.txt, 1/model.onnx); fp16 and int8 imply --fp16 and --int8.")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="Data root (default: the run's).")] = None,
     validate: Annotated[bool, typer.Option(
         help="Validate the artifacts after writing them.")] = True,
@@ -139,7 +146,7 @@ def export(
                          calib_images=calib_images, max_batch=max_batch, data=data,
                          validate=validate, max_images=max_images, max_drop=max_drop,
                          max_source_drop=max_source_drop, min_agreement=min_agreement,
-                         latency_runs=latency_runs)
+                         latency_runs=latency_runs, triton=triton)
     try:
         summary = export_run(resolve_run(run), opts)
     except OSError as exc:

@@ -8,6 +8,7 @@ beside a good one.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from dgkit.atomic import atomic_path
 from dgkit.errors import DgkitError, require_extra
 from dgkit.export import formats
 from dgkit.export.commands import Gate
-from dgkit.export.formats import CALIB_CACHE, TIMING_CACHE, Format
+from dgkit.export.formats import CALIB_CACHE, TIMING_CACHE, TRITON_ARTIFACTS, Format
 from dgkit.export.quantize import DEFAULT_CALIB_METHOD
 from dgkit.progress import console
 from dgkit.records import RunConfig, ValidationReport
@@ -42,6 +43,7 @@ class ExportOptions:
     max_source_drop: float = Gate.max_source_drop
     min_agreement: float = Gate.min_agreement
     latency_runs: int = 50
+    triton: str | None = None  # fp32, fp16 or int8: that artifact as a Triton model repository
 
     @property
     def gate(self) -> Gate:
@@ -176,7 +178,12 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     if opts.int8 and opts.calib_images < MIN_CALIB_IMAGES:
         raise DgkitError(f"--calib-images {opts.calib_images} is too few: INT8 calibration "
                          f"needs at least {MIN_CALIB_IMAGES} images")
-    plan = formats.wanted(opts.fp16, opts.int8, opts.trt)
+    if opts.triton is not None and opts.triton not in TRITON_ARTIFACTS:
+        raise DgkitError(f"--triton '{opts.triton}' is not one of: "
+                         f"{', '.join(TRITON_ARTIFACTS)}")
+    # --triton fp16 or int8 needs that artifact, so it is written too.
+    plan = formats.wanted(opts.fp16 or opts.triton == "fp16", opts.int8 or opts.triton == "int8",
+                          opts.trt)
     for fmt in plan:
         if fmt.extra != "trt":  # a missing TensorRT is reported, the ONNX files still written
             for module in fmt.needs:
@@ -202,6 +209,13 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
         t = time.perf_counter()
         WRITERS[writer](x, list(group))
         timing[writer] = time.perf_counter() - t
+    if opts.triton:
+        from dgkit.export.triton import write_repository
+
+        repo = write_repository(x.written[TRITON_ARTIFACTS[opts.triton]], run.export / "triton",
+                                name=triton_name(run), max_batch=opts.max_batch)
+        console.print(f"wrote {repo} (Triton model repository: tritonserver "
+                      f"--model-repository {repo.parent})", soft_wrap=True)
     timing["export_total"] = time.perf_counter() - started
 
     summary: dict[str, Any] = {"artifacts": {k: str(p) for k, p in x.written.items()},
@@ -214,6 +228,11 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
         summary["report"] = _validate(candidates, sets, gate, opts.latency_runs, run.export,
                                       run, config.classes, opts.max_images, dict(summary))
     return summary
+
+
+def triton_name(run: RunDir) -> str:
+    """The run folder's name in the characters Triton allows in a model name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", run.path.name)
 
 
 def _rounded(d: dict[str, float]) -> dict[str, float]:

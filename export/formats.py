@@ -62,6 +62,10 @@ def wanted(fp16: bool, int8: bool, trt: bool) -> list[Format]:
     return [BY_KEY[k] for k in keys]
 
 
+# `dgkit export --triton P`: the ONNX artifact a Triton model repository serves, by precision.
+TRITON_ARTIFACTS = {"fp32": "onnx-fp32", "fp16": "onnx-fp16", "int8": "onnx-int8"}
+
+
 def present(export_dir: Path) -> list[tuple[Format, Path]]:
     """The artifacts an export folder holds, in table order."""
     return [(f, export_dir / f.filename) for f in FORMATS if (export_dir / f.filename).is_file()]

@@ -49,10 +49,10 @@ def tiny_run(tiny_domains, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory) -> tuple[Path, Any]:
-    """A copy of the tiny run exported with --fp16 --int8 under limits nothing can fail (the
-    tiny student's logits are near ties), and the export's result."""
+    """A copy of the tiny run exported with --fp16 --int8 --triton int8 under limits nothing
+    can fail (the tiny student's logits are near ties), and the export's result."""
     run = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("exported") / "run"))
-    proc = dgkit("export", run, "--fp16", "--int8", *LOOSE, *FAST)
+    proc = dgkit("export", run, "--fp16", "--int8", "--triton", "int8", *LOOSE, *FAST)
     assert proc.returncode == 0, proc.stderr
     return run, proc
 
@@ -113,7 +113,7 @@ def test_export_writes_every_artifact_and_report(exported):
     run, proc = exported
     names = sorted(p.name for p in (run / "export").iterdir())
     assert names == sorted([*ARTIFACTS, "calibration.npz", "report.json", "report.md",
-                            "report.png", "report-confusion.png", "training.png"])
+                            "report.png", "report-confusion.png", "training.png", "triton"])
     assert not [n for n in names if n.endswith(".tmp")]
     report = json.loads((run / "export" / "report.json").read_text())
     keys = [a["key"] for a in report["artifacts"]]
@@ -132,6 +132,24 @@ def test_export_writes_every_artifact_and_report(exported):
         assert (run / "export" / figure).read_bytes()[:4] == b"\x89PNG"
         assert f"]({figure})" in (run / "export" / "report.md").read_text()
     assert "| model.fp16.onnx | fp16 |" in (run / "export" / "report.md").read_text()
+
+
+def test_triton_repository_serves_the_int8_artifact(exported):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    run, proc = exported
+    folder = run / "export" / "triton" / "run"  # named after the run folder
+    assert f"wrote {folder}" in " ".join(proc.stderr.split())
+    model = folder / "1" / "model.onnx"
+    assert model.read_bytes() == (run / "export" / "model.int8.onnx").read_bytes()
+    config = text_format.Parse((folder / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert config.name == "run" and config.max_batch_size == 32  # --max-batch's default
+    classes = json.loads((run / "run.json").read_text())["classes"]
+    assert (folder / config.output[0].label_filename).read_text().splitlines() == classes
+    bad = dgkit("export", run, "--triton", "int4")
+    assert "--triton 'int4' is not one of: fp32, fp16, int8" in error_line(bad)
 
 
 def test_onnx_contract_and_metadata(exported):
