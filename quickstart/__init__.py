@@ -190,9 +190,6 @@ def train(data: Path, run: Path, method: str, teacher: str | None, schedule: Sch
     from dgkit import api
 
     torch.set_num_threads(threads)
-    if not torch.cuda.is_available():
-        console.print(f"training on the CPU with {threads} thread{'s' * (threads > 1)} "
-                      "(--threads to change)")
     return api.train(train_config(data, method, teacher, schedule, seed), run, overwrite=True,
                      quiet=False, runs_root=run.parent)
 
@@ -317,6 +314,8 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
                    ) -> dict[str, Any]:
     """The whole quickstart; returns (and writes to OUT/quickstart.json) what it printed."""
     require_extra("train", "torch")
+    import torch
+
     from dgkit.rundir import RunDir, update_latest
     from dgkit.samples import CLASSES, make_samples
 
@@ -360,15 +359,16 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
     console.rule(f"2/4 distill (held out: {TARGET})")
     threads = threads or idle_cores()
     baseline = start_baseline(data, out, schedule, seed)
-    import torch
-
-    torch.set_num_threads(max(1, threads - 1))  # the baseline has one
+    own = max(1, threads - 1)  # the baseline has one
+    torch.set_num_threads(own)
     try:
         method, teacher, why = choose_method(teacher, schedule, out)
         if why:
             console.print(f"[yellow]using --method {method}: {why}[/]", soft_wrap=True)
-        console.print(f"{BASELINE} (no teacher) trains beside it on one thread, for comparison")
-        summary = train(data, run, method, teacher, schedule, seed, max(1, threads - 1))
+        device = "a GPU" if torch.cuda.is_available() else f"{own} CPU thread{'s' * (own > 1)}"
+        console.print(f"{method} trains on {device}, {BASELINE} (no teacher) beside it on one "
+                      "CPU thread for comparison (--threads to change)", soft_wrap=True)
+        summary = train(data, run, method, teacher, schedule, seed, own)
         with console.status(f"Waiting for the {BASELINE} comparison"):
             compared = finish_baseline(baseline, out)
     finally:
