@@ -198,7 +198,8 @@ class Decoded:
     bad: list[tuple[Path, str]]
 
 
-def _decode_one(path: Path, spec: PreprocessSpec) -> tuple[np.ndarray | None, str, str]:
+def decode_one(path: Path, spec: PreprocessSpec) -> tuple[np.ndarray | None, str, str]:
+    """(pixels, content hash, "") of one image, or (None, "", why) when it cannot be read."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -217,7 +218,7 @@ def decode_samples(data: DomainData, indices: Sequence[int], spec: PreprocessSpe
 
     paths = [data.samples[i].path for i in indices]
     with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda p: _decode_one(p, spec), paths)
+        results = pool.map(lambda p: decode_one(p, spec), paths)
         results = list(track(results, total=len(paths), description=progress_label))
     good = [k for k, (px, _, _) in enumerate(results) if px is not None]
     size = spec.input_size
