@@ -60,7 +60,7 @@ def store_folder(root: str | Path, spec: PreprocessSpec) -> Path:
     every image (that would need reading the whole data set to find the store): each row's
     content hash is checked when the store is opened, and only changed images are decoded again.
     """
-    from dgkit.quickstart import cache_dir  # the one definition of dgkit's cache folder
+    from dgkit.rundir import cache_dir
 
     root = Path(root).expanduser().resolve()
     key = hashlib.sha1(json.dumps([str(root), pixel_spec(spec)]).encode()).hexdigest()[:16]

@@ -114,6 +114,12 @@ class RunDir:
         return config
 
 
+def cache_dir() -> Path:
+    """dgkit's cache of what runs share (the sample world's teacher, decoded pixels):
+    $XDG_CACHE_HOME/dgkit, by default ~/.cache/dgkit."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dgkit"
+
+
 def resolve_run(arg: str | Path | None) -> RunDir:
     """A run given on the command line, else runs/latest, else the quickstart's run."""
     if arg:

@@ -79,14 +79,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          "to redo it, or another --out")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dgkit"
-
-
 def world_teacher(schedule: Schedule, out: Path) -> tuple[str, str]:
     """(--teacher, what it is) of the sample world's small CLIP: from the cache, or trained into
     it (into OUT/teacher when the cache cannot be written)."""
     from dgkit.distill.teacher_train import WorldTeacher
+    from dgkit.rundir import cache_dir
 
     world = WorldTeacher(schedule.per_class, schedule.sample_size, schedule.teacher_steps)
     folder = cache_dir() / f"world-teacher-{world.key()}"
