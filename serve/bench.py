@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,33 @@ def multipart_body(images: list[tuple[str, bytes]]) -> tuple[bytes, str]:
         f"multipart/form-data; boundary={boundary}"
 
 
+def predict_request(image: bytes) -> tuple[bytes, str]:
+    """One image as `POST /predict` takes it."""
+    return multipart_body([("image.jpg", image)])
+
+
+def v2_request(image: bytes, top_k: int = 5) -> tuple[bytes, str]:
+    """One image as a plain-JSON v2 infer request: BYTES `image_bytes` in base64, top-k labels
+    back, so that the server does the same work as for `/predict`."""
+    import base64
+    import json
+
+    from dgkit.model_meta import OUTPUT_NAME
+    from dgkit.serve.v2 import BYTES_INPUT
+
+    body = {"inputs": [{"name": BYTES_INPUT, "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(image).decode()]}],
+            "outputs": [{"name": OUTPUT_NAME, "parameters": {"classification": top_k}}]}
+    return json.dumps(body).encode(), "application/json"
+
+
+# The server's model name under /v2, fixed so that the bench knows the infer URL.
+V2_MODEL = "bench"
+PATHS: dict[str, tuple[str, Callable[[bytes], tuple[bytes, str]]]] = {
+    "predict": ("/predict", predict_request),
+    "v2": (f"/v2/models/{V2_MODEL}/infer", v2_request)}
+
+
 def free_port() -> int:
     import socket
 
@@ -96,26 +123,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def predictor_single_image_rate(predictor: Predictor, image: bytes, requests: int) -> float:
+def predictor_single_image_rate(predictor: Predictor, image: bytes | list[bytes],
+                                requests: int) -> float:
     """Images/s of back-to-back `predict(image)` calls, decoding included, as a server does."""
-    for _ in range(3):
-        predictor.predict(image)
+    images = image if isinstance(image, list) else [image]
+    for i in range(3):
+        predictor.predict(images[i % len(images)])
     t0 = time.perf_counter()
-    for _ in range(requests):
-        predictor.predict(image)
+    for i in range(requests):
+        predictor.predict(images[i % len(images)])
     return requests / (time.perf_counter() - t0)
 
 
-def load_test(url: str, image: bytes, clients: int, requests: int, timeout: float = 300.0
-              ) -> dict[str, Any]:
-    """`clients` threads POST `image` to `url` on keep-alive connections until `requests` are
-    answered (or `timeout` seconds pass); stdlib only, so it runs in the base install."""
+def load_test(url: str, image: bytes | list[bytes], clients: int, requests: int,
+              timeout: float = 300.0,
+              encode: Callable[[bytes], tuple[bytes, str]] = predict_request) -> dict[str, Any]:
+    """`clients` threads POST the images in turn, each made a request body by `encode`, to
+    `url` on keep-alive connections until `requests` are answered (or `timeout` seconds pass);
+    stdlib only, so it runs in the base install."""
     import http.client
     import threading
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    body, content_type = multipart_body([("image.jpg", image)])
+    bodies = [encode(im) for im in (image if isinstance(image, list) else [image])]
     lock = threading.Lock()
     issued, latencies_ms, errors = 0, [], []
     deadline = time.monotonic() + timeout
@@ -128,6 +159,7 @@ def load_test(url: str, image: bytes, clients: int, requests: int, timeout: floa
                 with lock:
                     if issued >= requests:
                         return
+                    body, content_type = bodies[issued % len(bodies)]
                     issued += 1
                 t0 = time.perf_counter()
                 conn.request("POST", parts.path, body, {"Content-Type": content_type})
@@ -154,69 +186,102 @@ def load_test(url: str, image: bytes, clients: int, requests: int, timeout: floa
     ok = len(latencies_ms)
     return {"clients": clients, "requests": requests, "answered": ok, "errors": len(errors),
             "seconds": round(elapsed, 3), "images_per_s": round(ok / elapsed, 2),
-            "latency_ms_p50": round(float(np.percentile(latencies_ms, 50)), 2) if ok else None,
-            "latency_ms_p95": round(float(np.percentile(latencies_ms, 95)), 2) if ok else None}
+            **{f"latency_ms_p{q}": round(float(np.percentile(latencies_ms, q)), 2) if ok
+               else None for q in (50, 95, 99)}}
 
 
 @contextmanager
-def running_server(model: str | Path, backend: str = "auto", startup_timeout: float = 120.0
-                   ) -> Iterator[str]:
-    """Run `dgkit serve MODEL` on a free localhost port until the block ends; yields its URL.
+def running_server(model: str | Path, backend: str = "auto", startup_timeout: float = 120.0,
+                   args: Sequence[str] = ()) -> Iterator[str]:
+    """Run `dgkit serve MODEL [ARGS]` on a free localhost port until the block ends; yields its
+    URL once uvicorn says it listens.
 
     It starts in the temporary folder: from a source checkout, `python -m dgkit` would import
     the source folder dgkit/ instead of the installed package."""
     import subprocess
     import sys
     import tempfile
-    import urllib.request
+    import threading
+    from collections import deque
 
     from dgkit.errors import DgkitError
 
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    # The server's log goes to a file, not a pipe: an unread pipe would fill and block it.
-    with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen([sys.executable, "-m", "dgkit", "serve",
-                                   str(Path(model).resolve()), "--port", str(port),
-                                   "--backend", backend],
-                                  stdout=subprocess.DEVNULL, stderr=log, text=True,
-                                  cwd=tempfile.gettempdir())
+    server = subprocess.Popen([sys.executable, "-m", "dgkit", "serve",
+                               str(Path(model).resolve()), "--port", str(port),
+                               "--backend", backend, *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              cwd=tempfile.gettempdir())
+    log: deque[str] = deque(maxlen=20)
+    listening, done = threading.Event(), threading.Event()
+
+    def drain() -> None:  # read the log to its end, or the full pipe would block the server
+        for line in server.stderr:  # type: ignore[union-attr]
+            log.append(line)
+            if "Uvicorn running on" in line:
+                listening.set()
+                done.set()
+        done.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        if not done.wait(startup_timeout):
+            raise DgkitError(f"dgkit serve did not start listening within "
+                             f"{startup_timeout:g} s")
+        if not listening.is_set():
+            raise DgkitError(f"dgkit serve exited before it listened: "
+                             f"{''.join(log).strip()[-300:]}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
         try:
-            deadline = time.monotonic() + startup_timeout
-            while True:
-                if server.poll() is not None:
-                    log.seek(0)
-                    raise DgkitError(f"dgkit serve exited before it answered: "
-                                     f"{log.read().strip()[-300:]}")
-                try:
-                    with urllib.request.urlopen(f"{base}/health", timeout=2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise DgkitError(f"dgkit serve did not answer within "
-                                         f"{startup_timeout:g} s") from None
-                    time.sleep(0.2)
-            yield base
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
-def bench_http(model: str, backend: str, clients: int, requests: int,
-               image: bytes | None = None) -> dict[str, Any]:
-    """Start `dgkit serve MODEL` on a free localhost port, load it with `clients` concurrent
-    clients and compare its images/s with the Predictor's back-to-back single-image rate."""
+def answered_requests(base: str) -> int:
+    """Requests the server counts as answered with 200 on /predict and v2 infer, from its
+    /metrics: a count kept apart from the clients'."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return int(sum(float(n) for endpoint, n in re.findall(
+        r'^dgkit_requests_total\{endpoint="([^"]+)",status="200"\} (\S+)$', text, re.M)
+        if endpoint == "/predict" or endpoint.endswith("/infer")))
+
+
+def batching_args(mode: str) -> list[str]:
+    """`dgkit serve` options of a batching mode: "off" (one image a call) or a delay in ms."""
+    return ["--max-batch", "1"] if mode == "off" else ["--max-delay-ms", mode]
+
+
+def bench_http(model: str, backend: str, clients: list[int], requests: int,
+               image: bytes | list[bytes] | None = None, batching: Sequence[str] = ("off",),
+               paths: Sequence[str] = ("predict",)) -> dict[str, Any]:
+    """For each batching mode a fresh `dgkit serve MODEL` on a free localhost port, loaded by
+    each number of concurrent clients on each path; beside it the Predictor's back-to-back
+    single-image rate. Each row carries the requests the clients saw answered and those the
+    server's /metrics counted."""
     image = image or sample_jpeg()
     predictor = Predictor(model, backend)
     direct = predictor_single_image_rate(predictor, image, max(20, requests // 4))
     del predictor  # its session would hold memory and threads while the server runs
-    with running_server(model, backend) as base:
-        load_test(f"{base}/predict", image, clients, min(requests, 2 * clients))  # warm-up
-        result = load_test(f"{base}/predict", image, clients, requests)
-    result["predictor_images_per_s"] = round(direct, 2)
-    result["ratio"] = round(result["images_per_s"] / direct, 3)
-    return result
+    rows = []
+    for mode in batching:
+        args = [*batching_args(mode), "--model-name", V2_MODEL]
+        with running_server(model, backend, args=args) as base:
+            for path in paths:
+                route, encode = PATHS[path]
+                load_test(base + route, image, max(clients), 2 * max(clients),
+                          encode=encode)  # warm-up: first calls allocate and tune
+                for n in clients:
+                    before = answered_requests(base)
+                    row = load_test(base + route, image, n, requests, encode=encode)
+                    rows.append({"path": path, "batching": mode, **row,
+                                 "server_answered": answered_requests(base) - before,
+                                 "ratio": round(row["images_per_s"] / direct, 3)})
+    return {"predictor_images_per_s": round(direct, 2), "rows": rows}

@@ -251,6 +251,21 @@ def _return_freed_memory() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks of 1 MB and more are mmapped
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise DgkitError(f"{option} must be comma-separated integers, not '{text}'") from exc
+
+
+def _read_images(folder: Path, count: int) -> list[bytes]:
+    files, _ = _collect([folder])
+    if not files:
+        raise DgkitError(f"no images found in {folder}")
+    # Every n-th file, so that a folder sorted by class or domain is sampled across.
+    return [f.read_bytes() for f in files[::max(1, len(files) // count)][:count]]
+
+
 def bench_infer(
     model: Annotated[Path, typer.Argument(help="dgkit .onnx model or TensorRT .plan engine.")],
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated.")
@@ -258,29 +273,47 @@ def bench_infer(
     backend: Annotated[str, typer.Option("--backend", help=f"Comma-separated: {BACKEND_HELP}")
                        ] = "auto",
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per batch size.")] = 30,
-    clients: Annotated[int, typer.Option(
-        "--clients", help="Also load-test `dgkit serve MODEL` on localhost with this many "
-                          "concurrent clients (0: no HTTP test; needs the serve extra).")] = 0,
+    clients: Annotated[str, typer.Option(
+        "--clients", help="Also load-test `dgkit serve MODEL` on localhost with each of these "
+                          "numbers of concurrent clients, comma-separated (0: no HTTP test; "
+                          "needs the serve extra).")] = "0",
     requests: Annotated[int, typer.Option(
-        "--requests", help="Requests the HTTP load test sends before it stops.")] = 400,
+        "--requests", help="Requests each HTTP load test sends before it stops.")] = 400,
+    batching: Annotated[str, typer.Option(
+        "--batching", help="Server settings to load-test, comma-separated, one server each: "
+                           "'off' (--max-batch 1) or a --max-delay-ms value (0 batches only "
+                           "what queues while the model runs).")] = "off,0,5",
+    paths: Annotated[str, typer.Option(
+        "--paths", help="Comma-separated: predict (multipart POST /predict) and v2 (v2 infer, "
+                        "BYTES image_bytes in plain JSON).")] = "predict,v2",
+    images: Annotated[Path | None, typer.Option(
+        "--images", help="Folder of images to send in turn (default: a synthetic 640x480 "
+                         "JPEG).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")
                         ] = None,
 ) -> None:
     """Latency p50/p95 and images/s per backend and batch size; preprocessing timed apart.
 
-    With --clients, also the images/s a local `dgkit serve` answers under that many concurrent
-    single-image clients, beside the Predictor's own back-to-back single-image rate."""
-    try:
-        sizes = [int(s) for s in batch_sizes.split(",") if s.strip()]
-    except ValueError as exc:
-        raise DgkitError(f"--batch-sizes must be comma-separated integers, not "
-                         f"'{batch_sizes}'") from exc
+    With --clients, also images/s and request latency p50/p99 of a local `dgkit serve` under
+    each number of concurrent single-image clients, per batching setting and path, beside the
+    Predictor's own back-to-back single-image rate."""
+    sizes = _int_list(batch_sizes, "--batch-sizes")
     if not sizes or min(sizes) < 1 or runs < 1:
         raise DgkitError("--batch-sizes and --runs must be positive integers")
-    if clients < 0 or requests < 1:
+    client_counts = [n for n in _int_list(clients, "--clients") if n != 0]
+    if min(client_counts, default=1) < 1 or requests < 1:
         raise DgkitError(f"--clients must be 0 or more and --requests positive, not {clients} "
                          f"and {requests}")
-    if clients:
+    modes = [m.strip() for m in batching.split(",") if m.strip()]
+    path_names = [p.strip() for p in paths.split(",") if p.strip()]
+    from dgkit.serve.bench import PATHS
+
+    for mode in modes:
+        if mode != "off" and not mode.replace(".", "", 1).isdigit():
+            raise DgkitError(f"--batching takes 'off' or a delay in ms, not '{mode}'")
+    if not set(path_names) <= set(PATHS):
+        raise DgkitError(f"--paths takes {', '.join(PATHS)}, not '{paths}'")
+    if client_counts:
         _require_serve_extra()
     from rich.console import Console
     from rich.table import Table
@@ -292,13 +325,15 @@ def bench_infer(
     from dgkit.serve.predictor import Predictor
 
     names = [check_backend(b.strip()) for b in backend.split(",") if b.strip()]
+    sample = _read_images(images, 64) if images else None
     rows: list[dict[str, Any]] = []
     precision = ""
     for name in names:
         predictor = Predictor(model, name)
         precision = predictor.meta.precision
         console.print(f"[dim]benchmarking backend {predictor.backend} ({name})[/dim]")
-        rows.extend(bench_predictor(predictor, sizes, runs))
+        rows.extend(bench_predictor(predictor, sizes, runs,
+                                    image=sample[0] if sample else None))
 
     table = Table(title=f"{model.name} ({precision}): model call latency, preprocessing apart")
     for heading in HEADINGS:
@@ -307,18 +342,27 @@ def bench_infer(
         table.add_row(*(str(row[c]) for c in COLUMNS))
     Console().print(table)
     http = None
-    if clients:
-        console.print(f"[dim]HTTP load test: {requests} requests from {clients} clients on "
-                      f"backend {names[0]}[/dim]")
-        http = bench_http(str(model), names[0], clients, requests)
-        console.print(f"dgkit serve: {http['images_per_s']} img/s with {clients} clients "
-                      f"(p50 {http['latency_ms_p50']} ms, p95 {http['latency_ms_p95']} ms, "
-                      f"{http['errors']} errors); Predictor alone, one image at a time: "
-                      f"{http['predictor_images_per_s']} img/s; ratio {http['ratio']}")
+    if client_counts:
+        console.print(f"[dim]HTTP load tests: {requests} requests each from {clients} clients "
+                      f"on backend {names[0]}[/dim]")
+        http = bench_http(str(model), names[0], client_counts, requests, sample, modes,
+                          path_names)
+        direct = http["predictor_images_per_s"]
+        table = Table(title=f"dgkit serve, one image a request; Predictor alone, one image at "
+                            f"a time: {direct} img/s (ratio: img/s over it)")
+        for heading in ("path", "batching", "clients", "img/s", "ms p50", "ms p99", "errors",
+                        "ratio"):
+            table.add_column(heading, justify="left" if heading == "path" else "right")
+        for r in http["rows"]:
+            table.add_row(r["path"], r["batching"], str(r["clients"]), str(r["images_per_s"]),
+                          str(r["latency_ms_p50"]), str(r["latency_ms_p99"]), str(r["errors"]),
+                          str(r["ratio"]))
+        Console().print(table)
     if json_out is not None:
         from dgkit.provenance import provenance
 
         write_json(json_out, {"model": str(model), "precision": precision, "host": host_info(),
-                              "image": "synthetic 640x480 JPEG", "columns": list(COLUMNS),
+                              "image": f"{len(sample)} images from {images}" if sample
+                              else "synthetic 640x480 JPEG", "columns": list(COLUMNS),
                               "results": rows, "http": http, "provenance": provenance()})
         console.print(f"wrote {json_out}")

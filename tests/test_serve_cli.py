@@ -166,15 +166,24 @@ def test_predict_through_main_cli(model: Path, folder: Path) -> None:
 
 @needs_serve_extra
 def test_bench_infer_load_tests_the_real_server(model: Path, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+    """One row per batching mode, path and client count; each row's requests all answered, as
+    the clients saw them and as the server's /metrics counted them."""
+    out, images = tmp_path / "bench.json", tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.jpg").write_bytes(encode(photo(i), "JPEG"))
     result = invoke("bench", "infer", model, "--batch-sizes", "1", "--runs", "2", "--backend",
-                    "ort-cpu", "--clients", "3", "--requests", "25", "--json", out)
+                    "ort-cpu", "--clients", "1,3", "--requests", "7", "--batching", "off,2",
+                    "--images", images, "--json", out)
     assert result.exit_code == 0, result.output
     http = json.loads(out.read_text())["http"]
-    assert http["clients"] == 3 and http["answered"] == 25 and http["errors"] == 0
-    assert http["latency_ms_p95"] >= http["latency_ms_p50"] > 0
-    assert http["ratio"] == pytest.approx(http["images_per_s"] / http["predictor_images_per_s"],
-                                          abs=1e-3)
+    rows = http["rows"]
+    assert [(r["batching"], r["path"], r["clients"]) for r in rows] == [
+        (mode, path, n) for mode in ("off", "2") for path in ("predict", "v2") for n in (1, 3)]
+    for r in rows:
+        assert r["answered"] == r["server_answered"] == 7 and r["errors"] == 0
+        assert r["latency_ms_p99"] >= r["latency_ms_p50"] > 0
+    assert "ratio" in result.stdout and "v2" in result.stdout
 
 
 def test_load_test_counts_a_refused_connection_as_an_error() -> None:
