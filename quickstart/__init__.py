@@ -425,7 +425,8 @@ def quickstart(
     seed: Annotated[int, typer.Option(help="Seeds the data and the training.")] = 0,
     teacher: Annotated[str | None, typer.Option(
         help="CLIP teacher, MODEL:PRETRAINED or MODEL:/path/to/checkpoint (default: "
-             "ViT-B-32:openai if it loads, else a method that needs no teacher).")] = None,
+             "ViT-B-32:openai with rise if it loads, else vl2v with a small CLIP trained on "
+             "the sample world).")] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for training (default: the cores other work leaves idle).")] = None,
     teacher_steps: Annotated[int | None, typer.Option(
