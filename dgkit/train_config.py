@@ -89,12 +89,18 @@ class TrainConfig:
     skip_bad: bool = False
     eval_batch_size: int = 256
     compile: bool = False
+    # Where the decoded training images live: memory (all of them on the device), disk (a
+    # memory-mapped store read batch by batch, dgkit.pixel_store) or auto (memory when they fit
+    # in --memory-budget GB; default budget: dgkit.distill.data_store.default_budget).
+    data_store: str = "memory"
+    memory_budget: float | None = None
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "recipe": ("paper", "fast"), "optimizer": ("adamw", "adam", "sgd"),
         "schedule": ("cosine", "step", "constant"),
         "average": ("none", "ema", "swa", "sma", "swad"), "teacher_mode": ("cached", "online"),
-        "precision": ("auto", "fp32", "bf16"), "augment": tuple(AUGMENTATIONS)}
+        "precision": ("auto", "fp32", "bf16"), "augment": tuple(AUGMENTATIONS),
+        "data_store": ("memory", "disk", "auto")}
 
     def __post_init__(self) -> None:
         for name, choices in self.CHOICES.items():
@@ -118,6 +124,13 @@ class TrainConfig:
         if not 0 <= self.swad_tolerance_ratio < float("inf"):
             raise DgkitError("--swad-tolerance-ratio must be a number >= 0, got "
                              f"{self.swad_tolerance_ratio}")
+        if self.memory_budget is not None:
+            if self.data_store != "auto":
+                raise DgkitError("--memory-budget applies to --data-store auto only, not "
+                                 f"--data-store {self.data_store}")
+            if not 0 < self.memory_budget < float("inf"):
+                raise DgkitError("--memory-budget must be a positive number of GB, got "
+                                 f"{self.memory_budget}")
 
     def for_data(self, sources: int, train_images: int) -> TrainConfig:
         """The batch and step count for `sources` source domains holding `train_images`

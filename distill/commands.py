@@ -126,6 +126,8 @@ def distill(
     precision: opt.Precision = DEFAULT("precision"),
     compile: opt.Compile = DEFAULT("compile"),
     skip_bad: opt.SkipBad = DEFAULT("skip_bad"),
+    data_store: opt.DataStore = DEFAULT("data_store"),
+    memory_budget: opt.MemoryBudget = DEFAULT("memory_budget"),
     quiet: opt.Quiet = False,
 ) -> None:
     """Distill a student from the CLIP teacher with a domain-generalization method."""
@@ -158,7 +160,8 @@ def distill(
                 sma_start=sma_start, swad_n_converge=swad_n_converge,
                 swad_n_tolerance=swad_n_tolerance, swad_tolerance_ratio=swad_tolerance_ratio,
                 swad_bn_batches=swad_bn_batches,
-                precision=precision, device=device, skip_bad=skip_bad, compile=compile)
+                precision=precision, device=device, skip_bad=skip_bad, compile=compile,
+                data_store=data_store, memory_budget=memory_budget)
     base = {k: v for k, v in base.items() if v is not None}  # None: the recipe's value
     # One name on every rank under torchrun.
     stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))

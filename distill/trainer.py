@@ -31,12 +31,11 @@ from dgkit.atomic import atomic_path
 from dgkit.data import (
     DomainData,
     check_targets,
-    decode_samples,
     discover,
     prompt_names,
     split_sources,
 )
-from dgkit.distill import distributed
+from dgkit.distill import data_store, distributed
 from dgkit.distill.augment import augment, to_device
 from dgkit.distill.averaging import SMA, SWAD, LossValley, refresh_batchnorm
 from dgkit.distill.methods import Batch, MethodContext, get_method, hparams_dict, parse_hparams
@@ -124,7 +123,9 @@ class Prepared:
     target_ids: list[int]
     source_ids: list[int]
     prompt_names: list[str]
-    pixels: torch.Tensor  # uint8 [N, 3, S, S] on the device, all decoded samples
+    # uint8 [N, 3, S, S] on the device, all decoded samples; or, with --data-store disk, their
+    # store on disk, whose [rows] gathers those rows onto the device
+    pixels: torch.Tensor | data_store.DiskPixels
     labels: torch.Tensor
     domains: torch.Tensor
     train_rows: np.ndarray  # rows of `pixels`
@@ -167,6 +168,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     averager: Any
     sampler: DomainSampler
+    feed: data_store.BatchFeed | None = None  # training batches read ahead from a disk store
 
 
 def _scores(model: torch.nn.Module, prep: Prepared, rows: np.ndarray, batch: int,
@@ -223,8 +225,7 @@ class Trainer:
 
             teacher = load_teacher(cfg.teacher, self.device)
         spec = PreprocessSpec(input_size=cfg.image_size, resize_size=cfg.image_size)
-        decoded = decode_samples(data, every, spec,
-                                 None if self.quiet else f"Decoding {len(every)} images")
+        decoded = data_store.load(cfg, data, every, spec, self.device, self.quiet)
         bad = [(str(p), why) for p, why in decoded.bad]
         if bad and not cfg.skip_bad:
             listing = "; ".join(f"{p} ({why})" for p, why in bad[:5])
@@ -244,7 +245,7 @@ class Trainer:
         target_rows = {data.domains[d]: rows([i for i in target_idx
                                               if data.samples[i].domain == d])
                        for d in target_ids}
-        pixels = torch.from_numpy(decoded.pixels).permute(0, 3, 1, 2).contiguous()
+        pixels = decoded.pixels
         if teacher is not None:
             from dgkit.distill import cache
 
@@ -332,8 +333,10 @@ class Trainer:
         sampler = DomainSampler(
             [prep.train_rows[(prep.domains[train_rows] == d).cpu().numpy()]
              for d in prep.source_ids], self.config.batch_size, self.config.seed)
+        feed = (data_store.BatchFeed(prep.pixels, sampler.batch)
+                if isinstance(prep.pixels, data_store.DiskPixels) else None)
         return Session(prep, student, method, params, self._optimizer(params, method),
-                       self._averager(student), sampler)
+                       self._averager(student), sampler, feed)
 
     def _stage(self, s: Session, step: int) -> tuple[int, int]:
         """[start, end) of the method's stage that `step` belongs to."""
@@ -367,7 +370,8 @@ class Trainer:
         rows = to_device(torch.from_numpy(s.sampler.batch(step)), device)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, "augment"))
         torch.manual_seed(step_seed(cfg.seed, step, "torch"))
-        images = augment(prep.pixels[rows], gen, cfg.image_size, cfg.augmentation)
+        images = augment(self._batch_pixels(s, step, rows), gen, cfg.image_size,
+                         cfg.augmentation)
         if distributed.world() > 1:  # the same global batch everywhere; one slice each
             mine = slice(distributed.rank(), None, distributed.world())
             rows, images = rows[mine], images[mine]
@@ -496,6 +500,8 @@ class Trainer:
                               f"--resume {run.path}") from None
         finally:
             stop.restore()
+            if s.feed:
+                s.feed.close()
             if bar:
                 bar.stop()
             if writer:
@@ -605,15 +611,21 @@ class Trainer:
     def _source_batches(self, s: Session, start: int, n: int):
         """The augmented source batches training would draw at steps start..start+n-1, each
         seeded by (seed, step): the authors' update_bn continues their training iterator."""
-        cfg, prep = self.config, s.prep
+        cfg = self.config
         for k in range(start, start + n):
             rows = to_device(torch.from_numpy(s.sampler.batch(k)), self.device)
             gen = torch.Generator().manual_seed(step_seed(cfg.seed, k, "augment"))
             torch.manual_seed(step_seed(cfg.seed, k, "torch"))
-            images = augment(prep.pixels[rows], gen, cfg.image_size, cfg.augmentation)
+            images = augment(self._batch_pixels(s, k, rows), gen, cfg.image_size,
+                             cfg.augmentation)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images
+
+    @staticmethod
+    def _batch_pixels(s: Session, step: int, rows: torch.Tensor) -> torch.Tensor:
+        """The uint8 pixels of training step `step`'s batch `rows` on the device."""
+        return s.prep.pixels[rows] if s.feed is None else s.feed(step)
 
     def _write_summary(self, prep: Prepared, state: dict, finished: bool) -> Summary:
         best = state["best"] or {}

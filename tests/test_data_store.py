@@ -1,0 +1,147 @@
+"""`dgkit distill --data-store`: the disk store trains the student memory mode trains, bit for
+bit on a CPU, resumes exactly, and `auto` says which it chose."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from cli_helpers import TINY, dgkit, error_line
+from safetensors.torch import load_file
+
+from dgkit.records import RunConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "run_format1"
+
+
+def _env(cache: Path) -> dict[str, str]:
+    """The stores of a test go to its own cache, not the user's."""
+    return {**os.environ, "XDG_CACHE_HOME": str(cache)}
+
+
+def _train(data: Path, out: Path, cache: Path, *extra: str, steps: int = 6):
+    return dgkit("distill", "--data", data, "--target", "sketch", "--steps", steps,
+                 "--eval-every", "3", "--out", out, *TINY, *extra, env=_env(cache), check=True)
+
+
+def _stores(cache: Path) -> list[Path]:
+    folder = cache / "dgkit" / "pixels"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("images_per_s")
+    return rows
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "student.safetensors")), load_file(str(b / "student.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    assert _metrics(a) == _metrics(b)
+    assert json.loads((a / "summary.json").read_text()) == \
+        json.loads((b / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("average", [
+    [],  # the best-validation student
+    ["--average", "swad", "--swad-bn-batches", "3"],  # BatchNorm refreshed on source batches
+])
+def test_disk_trains_the_student_memory_trains(tiny_domains, tmp_path, average):
+    cache = tmp_path / "cache"
+    _train(tiny_domains, tmp_path / "memory", cache, "--data-store", "memory", *average)
+    assert _stores(cache) == []
+    _train(tiny_domains, tmp_path / "disk", cache, "--data-store", "disk", *average)
+    (store,) = _stores(cache)
+    assert (store / "pixels.u8").stat().st_size == 72 * 32 * 32 * 3
+    assert_same_run(tmp_path / "memory", tmp_path / "disk")
+    train = json.loads((tmp_path / "disk" / "run.json").read_text())["train"]
+    assert (train["data_store"], train["memory_budget"]) == ("disk", None)
+
+
+def test_an_interrupted_disk_run_resumes_exactly(tiny_domains, tmp_path, monkeypatch):
+    """Interrupted after 4 of 6 steps (a checkpoint at the step boundary, as Ctrl-C makes) and
+    resumed: the read-ahead starts again at step 4 and the run ends as an uninterrupted one."""
+    from dgkit import api
+    from dgkit.distill.trainer import Trainer
+    from dgkit.errors import Interrupted
+    from dgkit.train_config import TrainConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = dict(data=str(tiny_domains), targets=["sketch"], steps=6, eval_every=3,
+                  image_size=32, student_weights="none", batch_size=12, device="cpu",
+                  data_store="disk")
+    api.train(TrainConfig(**config), tmp_path / "whole", quiet=True)
+    real, interrupt = Trainer.step, [True]
+
+    def step(self, s, k):
+        if k == 4 and interrupt[0]:
+            raise KeyboardInterrupt
+        return real(self, s, k)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    with pytest.raises(Interrupted, match="interrupted at step 4"):
+        api.train(TrainConfig(**config), tmp_path / "resumed", quiet=True)
+    assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
+    interrupt[0] = False
+    api.resume(tmp_path / "resumed", quiet=True)
+    assert_same_run(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_auto_picks_disk_past_the_budget_and_memory_within(tiny_domains, tmp_path):
+    cache = tmp_path / "cache"
+    small = _train(tiny_domains, tmp_path / "small", cache, "--data-store", "auto",
+                   "--memory-budget", "0.0001", steps=3)
+    line = " ".join(small.stderr.split())
+    assert ("data store: disk: the 72 decoded images take 0.000221 GB, more than the budget of "
+            "0.0001 GB (--memory-budget)") in line
+    assert len(_stores(cache)) == 1
+    large = _train(tiny_domains, tmp_path / "large", cache / "other", "--data-store", "auto",
+                   "--memory-budget", "1000", steps=3)
+    assert "data store: memory: the 72 decoded images take 0.000221 GB, within the budget of " \
+           "1000 GB (--memory-budget)" in " ".join(large.stderr.split())
+    assert _stores(cache / "other") == []
+
+
+def test_the_default_budget_is_half_the_available_memory(monkeypatch):
+    import torch
+
+    from dgkit.distill import data_store
+
+    monkeypatch.setattr(data_store, "host_available", lambda: 8_000_000_000)
+    assert data_store.default_budget(torch.device("cpu")) == (
+        4_000_000_000, "50% of the 8 GB of available host memory")
+    monkeypatch.setattr(data_store, "host_available", lambda: None)
+    assert data_store.default_budget(torch.device("cpu")) == (
+        None, "available host memory unknown")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-store", "tape"], "--data-store 'tape' is not one of: memory, disk, auto"),
+    (["--data-store", "disk", "--memory-budget", "4"],
+     "--memory-budget applies to --data-store auto only, not --data-store disk"),
+    (["--data-store", "auto", "--memory-budget", "0"],
+     "--memory-budget must be a positive number of GB, got 0"),
+])
+def test_bad_values_fail_in_one_line(tiny_domains, tmp_path, args, message):
+    proc = dgkit("distill", "--data", tiny_domains, "--target", "sketch", *args, "--out",
+                 tmp_path / "run", *TINY, env=_env(tmp_path / "cache"))
+    assert proc.returncode == 2
+    assert re.search(re.escape(message), error_line(proc))
+    assert not (tmp_path / "run").exists() and _stores(tmp_path / "cache") == []
+
+
+def test_a_run_json_without_the_options_loads_with_memory(tmp_path):
+    """run.json files written before --data-store take the default."""
+    raw = json.loads((FIXTURES / "erm" / "run.json").read_text())
+    config = RunConfig.from_dict(raw, "run.json")
+    assert (config.train.data_store, config.train.memory_budget) == ("memory", None)
+    written = config.to_dict()
+    for key in ("data_store", "memory_budget"):
+        del written["train"][key]
+    assert RunConfig.from_dict(written, "run.json").train.data_store == "memory"
