@@ -25,12 +25,12 @@ from dgkit.demo.models import (  # noqa: E402
     ImageResult,
     RunInfo,
     TopK,
-    human_bytes,
     human_count,
     summarize,
 )
 from dgkit.errors import DgkitError  # noqa: E402
 from dgkit.rundir import RunDir, resolve_run  # noqa: E402
+from dgkit.text_table import human_bytes  # noqa: E402
 
 log = logging.getLogger("dgkit.demo")
 

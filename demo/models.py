@@ -49,15 +49,6 @@ ARTIFACT_TITLES = {"torch": "FP32 torch", "onnx": "FP32 ONNX", "fp16": "FP16 ONN
 
 
 # ------------------------------------------------------------------ small helpers
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
 
 def human_count(n: int | None) -> str:
     if n is None:

@@ -36,6 +36,7 @@ from dgkit.data import DomainData, content_hash, decode_one
 from dgkit.errors import DgkitError
 from dgkit.preprocess import PreprocessSpec
 from dgkit.progress import console, track
+from dgkit.text_table import human_bytes
 
 FORMAT = 1
 PIXELS = "pixels.u8"
@@ -66,14 +67,6 @@ def store_folder(root: str | Path, spec: PreprocessSpec) -> Path:
     key = hashlib.sha1(json.dumps([str(root), pixel_spec(spec)]).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", root.name) or "root"
     return cache_dir() / "pixels" / f"{name}-{spec.input_size}px-{key}"
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError  # unreachable
 
 
 def _note(folder: Path, message: str) -> None:
@@ -179,8 +172,9 @@ def _check_space(folder: Path, need: int) -> None:
     free = shutil.disk_usage(probe).free
     if need > free:
         raise DgkitError(f"not enough disk space for the pixel store in {folder}: it needs "
-                         f"{_size(need)} ({need} bytes) and {_size(free)} ({free} bytes) are "
-                         "free; free some space or set XDG_CACHE_HOME to a larger disk")
+                         f"{human_bytes(need)} ({need} bytes) and {human_bytes(free)} "
+                         f"({free} bytes) are free; free some space or set XDG_CACHE_HOME to a "
+                         "larger disk")
 
 
 def _allocate(path: Path, size: int) -> None:
@@ -234,7 +228,7 @@ def build_store(folder: Path, manifest: dict[str, Any], todo: dict[int, Path],
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         raise DgkitError(f"not enough disk space for the pixel store in {folder}: it needs "
-                         f"{_size(need)} ({need} bytes); the disk filled while allocating it"
+                         f"{human_bytes(need)} ({need} bytes); the disk filled while allocating it"
                          ) from exc
     rows_map: np.memmap | None = None
     if n:

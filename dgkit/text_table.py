@@ -14,6 +14,17 @@ GAP = "  "
 MIN_FIRST = 12  # a first column cut shorter than this no longer names anything
 
 
+def human_bytes(n: float | None) -> str:
+    """12 B, 3.4 KB, 5.6 MB, 7.8 GB, 9.0 TB (powers of 1000); "—" when unknown."""
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
