@@ -139,14 +139,19 @@ def idle_cores() -> int:
     return max(1, min(cores, round(cores - os.getloadavg()[0])))
 
 
+def stage_steps(method: str, steps: int) -> dict[str, int]:
+    """The method's stage lengths for `steps` in all: vl2v aligns for half, distills for half;
+    other methods have one stage, set by --steps."""
+    half = steps // 2
+    return {"align_steps": half, "distill_steps": steps - half} if method == "vl2v" else {}
+
+
 def train_config(data: Path, method: str, teacher: str | None, schedule: Schedule,
                  seed: int) -> TrainConfig:
     """The quickstart's schedule on the fast recipe, with TARGET held out."""
     from dgkit.train_config import TrainConfig
 
-    half = schedule.steps // 2
-    hparams = ({"align_steps": half, "distill_steps": schedule.steps - half}
-               if method == "vl2v" else {})
+    hparams = stage_steps(method, schedule.steps)
     return TrainConfig(
         data=str(data.resolve()), targets=[TARGET], method=method, teacher=teacher,
         hparams=hparams, seed=seed, steps=schedule.steps, batch_size=schedule.batch_size,
@@ -294,9 +299,9 @@ def print_report(result: dict[str, Any]) -> None:
 def distill_command(result: dict[str, Any]) -> str:
     """`dgkit distill` with the quickstart's schedule, every domain held out in turn."""
     sched, method = result["schedule"], result["method"]
-    steps = sched["steps"] // 2
-    length = (f"--align-steps {steps} --distill-steps {sched['steps'] - steps}"
-              if method == "vl2v" else f"--steps {sched['steps']}")
+    stages = stage_steps(method, sched["steps"])
+    length = (" ".join(f"--{k.replace('_', '-')} {v}" for k, v in stages.items())
+              or f"--steps {sched['steps']}")
     teacher = f" --teacher {result['teacher']}" if result["teacher"] else ""
     return (f"dgkit distill --data {result['data']} --target all --method {method}{teacher} "
             f"--recipe fast {length} --image-size {sched['image_size']} --batch-size "
