@@ -67,6 +67,8 @@ def test_quickstart_refuses_a_non_empty_folder_and_bad_options(tmp_path):
                                          "0"))
     assert "--threads" in error_line(dgkit("quickstart", "--out", tmp_path / "new",
                                            "--threads", "0"))
+    assert "--teacher-steps must be at least 1, got 0" in error_line(dgkit(
+        "quickstart", "--out", tmp_path / "new", "--teacher-steps", "0"))
     assert not (tmp_path / "new").exists()
 
 
