@@ -5,18 +5,21 @@ whole data set in memory, and later runs over the same data skip decoding.
 ```
 <cache>/dgkit/pixels/<root name>-<size>px-<key>/pixels.u8      N x S x S x 3 uint8, raw
                                                manifest.json  per row: path, size, mtime, hash
+                                               .lock          held while a process opens it
 ```
 Decoding is `dgkit.data.decode_one`, the path `decode_samples` takes, so a store's rows equal
 `decode_samples`'s pixels byte for byte. Torch-free.
 
 Crash safety: the manifest is written (atomically) as incomplete before `pixels.u8` is touched
 and says complete only after every row is flushed, so an interrupted build never looks complete;
-the next open resumes it from the rows the manifest records as done.
+the next open resumes it from the rows the manifest records as done. Concurrent runs over the
+same data take turns through `.lock`: the first builds the store, the others wait, then reuse it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ from dgkit.text_table import human_bytes
 FORMAT = 1
 PIXELS = "pixels.u8"
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 CHUNK = 256  # rows decoded per batch of work: bounds the decoded rows held in memory
 SAVE_EVERY_S = 30.0  # how often a build records its progress, the most an interruption loses
 
@@ -211,7 +216,6 @@ def build_store(folder: Path, manifest: dict[str, Any], todo: dict[int, Path],
     pixels = folder / PIXELS
     need = n * _row_bytes(spec) - (pixels.stat().st_size if pixels.is_file() else 0)
     _check_space(folder, need)
-    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
     for row in todo:
@@ -223,10 +227,8 @@ def build_store(folder: Path, manifest: dict[str, Any], todo: dict[int, Path],
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        (folder / MANIFEST).unlink(missing_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)  # the folder stays: it holds the lock
         pixels.unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(folder, ignore_errors=True)
         raise DgkitError(f"not enough disk space for the pixel store in {folder}: it needs "
                          f"{human_bytes(need)} ({need} bytes); the disk filled while allocating it"
                          ) from exc
@@ -266,22 +268,49 @@ def build_store(folder: Path, manifest: dict[str, Any], todo: dict[int, Path],
     write_json(folder / MANIFEST, manifest)
 
 
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold the store's lock: one process at a time reads, builds or repairs the store, so two
+    runs started together build it once; the others wait, saying so, then reuse it. The lock
+    goes when its file closes, also when the process holding it dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _note(folder, "another process is building or checking it; waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 def open_store(data: DomainData, indices: Sequence[int] | np.ndarray, spec: PreprocessSpec,
                folder: str | Path | None = None, workers: int = 4,
                progress: str | None = "Building the pixel store") -> PixelStore:
     """The store of `data.samples[indices]` at `spec`: reused when complete and current; resumed
     when an earlier build was interrupted; rebuilt, with one line saying why, when its files were
     truncated or modified; extended by images it does not hold yet; and with the rows of images
-    whose content changed since decoded again, and only those."""
+    whose content changed since decoded again, and only those. Other processes opening the same
+    store wait until this one is done."""
     folder = Path(folder) if folder is not None else store_folder(data.root, spec)
     paths = [data.samples[int(i)].path for i in indices]
     rel = [p.relative_to(data.root).as_posix() for p in paths]
-    manifest = _read_manifest(folder, spec) if folder.is_dir() else None
+    if not folder.exists():  # a new store on a disk too small fails before its folder exists
+        _check_space(folder, len(dict.fromkeys(rel)) * _row_bytes(spec))
+    with _locked(folder):
+        manifest = _update(folder, data.root, paths, rel, spec, workers, progress)
+        return _open(folder, manifest, spec, indices, paths, rel)
+
+
+def _update(folder: Path, root: Path, paths: list[Path], rel: list[str], spec: PreprocessSpec,
+            workers: int, progress: str | None) -> dict[str, Any]:
+    """The manifest of a store that holds `rel` (images `paths`) current, after building what it
+    lacks; called with the store's lock held."""
+    manifest = _read_manifest(folder, spec)
     if manifest is not None and not manifest["complete"]:
         done = sum(_is_done(manifest, r) for r in range(len(manifest["paths"])))
         _note(folder, f"resuming an interrupted build ({done} of {len(manifest['paths'])} "
                       "images done)")
-    manifest = manifest or _new_manifest(data.root, spec)
+    manifest = manifest or _new_manifest(root, spec)
     row_of = {p: r for r, p in enumerate(manifest["paths"])}
     for p in dict.fromkeys(rel):
         if p not in row_of:  # new images: rows appended, the others stay where they are
@@ -318,7 +347,7 @@ def open_store(data: DomainData, indices: Sequence[int] | np.ndarray, spec: Prep
         build_store(folder, manifest, todo, spec, workers, progress)
     elif touched:  # the new times spare the next open from hashing these files again
         write_json(folder / MANIFEST, manifest)
-    return _open(folder, manifest, spec, indices, paths, rel)
+    return manifest
 
 
 def _open(folder: Path, manifest: dict[str, Any], spec: PreprocessSpec,

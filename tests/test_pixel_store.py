@@ -3,9 +3,12 @@ and the bounded prefetcher."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import namedtuple
@@ -231,6 +234,66 @@ def test_disk_too_full_fails_before_writing(tiny_domains, tmp_path, monkeypatch)
     assert "\n" not in message
     assert f"({need} bytes)" in message and "(999 bytes) are free" in message
     assert not (tmp_path / "cache").exists()
+
+
+# One process opening a store: it prints "decoding" at its first decode and, with "hold", waits
+# there for a line on stdin; at the end it prints how many images it decoded and the sha256 of
+# every row it reads back.
+OPENER = """
+import hashlib, json, sys
+import numpy as np
+from dgkit import pixel_store
+from dgkit.data import discover
+from dgkit.preprocess import PreprocessSpec
+
+root, folder, hold = sys.argv[1], sys.argv[2], sys.argv[3] == "hold"
+real, calls = pixel_store.decode_one, []
+
+def decode(path, spec):
+    if not calls:
+        print("decoding", flush=True)
+        if hold:
+            sys.stdin.readline()
+    calls.append(path)
+    return real(path, spec)
+
+pixel_store.decode_one = decode
+data = discover(root)
+store = pixel_store.open_store(data, range(len(data.samples)), PreprocessSpec(24, 28), folder,
+                               workers=1, progress=None)
+rows = store.gather(np.arange(len(store)))
+print(json.dumps({"decoded": len(calls), "sha": hashlib.sha256(rows.tobytes()).hexdigest()}))
+"""
+
+
+def test_two_processes_build_one_store_and_read_the_same_bytes(tiny_domains, tmp_path):
+    folder = tmp_path / "store"
+
+    def opener(hold: bool) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", OPENER, str(tiny_domains), str(folder),
+                                 "hold" if hold else "go"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = opener(hold=True)
+    assert first.stdout.readline() == "decoding\n"  # it holds the lock, building
+    second = opener(hold=False)
+    # The second says in one line that it waits, while the first is still held mid-build.
+    waiting = second.stderr.readline()
+    assert "another process is building or checking it; waiting for it" in waiting
+    assert first.poll() is None
+    first.stdin.write("go\n")
+    first.stdin.flush()
+    results = []
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    data = discover(tiny_domains)
+    assert [r["decoded"] for r in results] == [len(data.samples), 0]  # built once
+    decoded = decode_samples(data, range(len(data.samples)), SPEC, None)
+    want = hashlib.sha256(decoded.pixels.tobytes()).hexdigest()
+    assert [r["sha"] for r in results] == [want, want]
+    assert manifest_of(folder)["complete"] is True
 
 
 def test_prefetcher_yields_batches_in_order_and_bounded(tiny_domains):
