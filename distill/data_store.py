@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from dgkit.train_config import TrainConfig
 
 # Of the available memory: decoding holds the images twice at its peak, and training needs room.
 BUDGET_FRACTION = 0.5
-READ_AHEAD = 4  # training batches gathered from disk ahead of the one in use
+READ_AHEAD = 4  # batches gathered from disk ahead of the one in use
 
 
 def _gb(n: float) -> str:
@@ -108,6 +108,21 @@ class DiskPixels:
         elif isinstance(rows, torch.Tensor):
             rows = rows.cpu().numpy()
         return to_device(self.host(np.asarray(rows, dtype=np.int64)), self.device)
+
+
+def batches(pixels: torch.Tensor | DiskPixels, rows: np.ndarray, size: int
+            ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(rows, their pixels on the pixels' device) for `rows` in consecutive batches of `size`,
+    as evaluation reads them: from a disk store read ahead by a `Prefetcher`, as training
+    batches are."""
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    if not isinstance(pixels, DiskPixels):
+        for chunk in chunks:
+            yield chunk, pixels[torch.from_numpy(chunk).to(pixels.device)]
+        return
+    with Prefetcher(pixels.host, chunks, depth=READ_AHEAD) as ahead:
+        for chunk, host in zip(chunks, ahead, strict=True):
+            yield chunk, to_device(host, pixels.device)
 
 
 class BatchFeed:

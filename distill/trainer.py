@@ -178,9 +178,9 @@ def _scores(model: torch.nn.Module, prep: Prepared, rows: np.ndarray, batch: int
         return float("nan"), float("nan")
     correct, loss = 0, 0.0
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-        for i in range(0, len(rows), batch):
-            idx = torch.from_numpy(rows[i:i + batch]).to(device)
-            x = prep.pixels[idx].float() / 255.0
+        for chunk, pixels in data_store.batches(prep.pixels, rows, batch):
+            idx = torch.from_numpy(chunk).to(device)
+            x = pixels.float() / 255.0
             logits = model(x).float()
             correct += (logits.argmax(-1) == prep.labels[idx]).sum().item()
             loss += F.cross_entropy(logits, prep.labels[idx], reduction="sum").item()

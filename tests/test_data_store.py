@@ -48,11 +48,49 @@ def assert_same_run(a: Path, b: Path) -> None:
         json.loads((b / "summary.json").read_text())
 
 
+def test_evaluation_batches_are_read_ahead_from_disk_and_equal_memory(tiny_domains, tmp_path):
+    """Evaluation reads a disk store in background threads, at most READ_AHEAD batches ahead
+    of the one in use, and sees the bytes memory mode sees."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from dgkit.data import decode_samples, discover
+    from dgkit.distill import data_store
+    from dgkit.pixel_store import open_store
+    from dgkit.preprocess import PreprocessSpec
+
+    data, spec = discover(tiny_domains), PreprocessSpec(32, 32)
+    every = np.random.default_rng(0).permutation(len(data.samples))
+    store = open_store(data, every, spec, tmp_path / "store", progress=None)
+    memory = torch.from_numpy(decode_samples(data, every, spec, None).pixels
+                              ).permute(0, 3, 1, 2).contiguous()
+    readers: list[str] = []
+    real = store.gather
+    store.gather = lambda rows: (readers.append(threading.current_thread().name),
+                                 real(rows))[1]
+    rows = np.random.default_rng(1).permutation(len(store))[:50]
+    streamed = data_store.batches(data_store.DiskPixels(store), rows, 4)
+    chunk, first = next(streamed)  # 13 batches in all
+    assert len(readers) <= 1 + data_store.READ_AHEAD
+    got = [(chunk, first), *streamed]
+    assert len(readers) == len(got) == 13
+    assert all(name.startswith("dgkit-prefetch") for name in readers)
+    want = list(data_store.batches(memory, rows, 4))
+    assert all(np.array_equal(a, c) and torch.equal(b, d)
+               for (a, b), (c, d) in zip(got, want, strict=True))
+    assert np.array_equal(np.concatenate([c for c, _ in got]), rows)
+    assert torch.equal(torch.cat([b for _, b in got]), memory[torch.from_numpy(rows)])
+
+
 @pytest.mark.parametrize("average", [
     [],  # the best-validation student
     ["--average", "swad", "--swad-bn-batches", "3"],  # BatchNorm refreshed on source batches
 ])
 def test_disk_trains_the_student_memory_trains(tiny_domains, tmp_path, average):
+    """The same weights, and the same evaluations (metrics.jsonl: every source-validation and
+    target accuracy and loss), from memory and from disk."""
     cache = tmp_path / "cache"
     _train(tiny_domains, tmp_path / "memory", cache, "--data-store", "memory", *average)
     assert _stores(cache) == []
