@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from safetensors.torch import save_file
 from dgkit.atomic import atomic_path
 from dgkit.data import DomainData
 from dgkit.distill import distributed
+from dgkit.distill.data_store import DiskPixels, batches
+from dgkit.pixel_store import Prefetcher
 from dgkit.preprocess import PreprocessSpec, load_prepared
 from dgkit.progress import track
 from dgkit.rundir import RunDir
@@ -75,20 +78,32 @@ def text_embeddings(teacher, run: RunDir, names: Sequence[str],
 
 
 def image_embeddings(teacher, run: RunDir, data: DomainData, indices: Sequence[int],
-                     hashes: Sequence[str], device: torch.device,
-                     batch_size: int = 64) -> torch.Tensor:
-    """[N, D] unit teacher embeddings of un-augmented images at the teacher's own resolution."""
+                     hashes: Sequence[str], device: torch.device, batch_size: int = 64,
+                     pixels: torch.Tensor | DiskPixels | None = None) -> torch.Tensor:
+    """[N, D] unit teacher embeddings of un-augmented images at the teacher's own resolution.
+
+    `pixels`: the run's decoded images (row p is `indices[p]`) when they are at that resolution,
+    read from there (memory, or the disk store read ahead) instead of decoded again; without
+    them, each batch is decoded from the files in background threads. Either way a few batches
+    are held at a time, never the data set."""
     spec = PreprocessSpec(input_size=teacher.image_size, resize_size=teacher.image_size)
     name = f"image-{_slug(teacher.spec.cache_id())}-{teacher.image_size}px.safetensors"
 
+    def decode(chunk: np.ndarray) -> torch.Tensor:
+        stack = np.stack([load_prepared(data.samples[indices[p]].path, spec) for p in chunk])
+        return torch.from_numpy(stack).permute(0, 3, 1, 2)
+
     def compute(positions: list[int]) -> torch.Tensor:
-        chunks = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
+        rows = np.asarray(positions, dtype=np.int64)
+        chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        ahead = (Prefetcher(decode, chunks, depth=2) if pixels is None else
+                 (x for _, x in batches(pixels, rows, batch_size)))
         out = []
-        for chunk in track(chunks, len(chunks), "Teacher embeddings"):
-            pixels = np.stack([load_prepared(data.samples[indices[p]].path, spec) for p in chunk])
-            x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 255.0
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                out.append(teacher.encode_images(x).float().cpu())
+        with closing(ahead):  # stops the reading threads also when encoding fails
+            for images in track(ahead, len(chunks), "Teacher embeddings"):
+                x = images.to(device).float() / 255.0
+                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    out.append(teacher.encode_images(x).float().cpu())
         return torch.cat(out)
 
     return cached_rows(run, name, list(hashes), compute)

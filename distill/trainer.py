@@ -250,8 +250,11 @@ class Trainer:
             from dgkit.distill import cache
 
             text = cache.text_embeddings(teacher, self.run, names, cfg.templates).to(self.device)
+            # At the teacher's size, its embeddings come from the images decoded for training.
+            same = teacher.image_size == cfg.image_size
             teacher_rows = cache.image_embeddings(teacher, self.run, data, decoded.indices,
-                                                  decoded.hashes, self.device)
+                                                  decoded.hashes, self.device,
+                                                  pixels=pixels if same else None)
         return Prepared(data, target_ids, source_ids, names, pixels.to(self.device),
                         labels.to(self.device), domains.to(self.device), rows(train_idx),
                         val_rows, target_rows, teacher,
