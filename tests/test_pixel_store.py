@@ -175,6 +175,34 @@ def test_new_images_are_appended(domains_copy, tmp_path, decode_calls):
     assert_matches_decode(store, data, range(len(data.samples)))
 
 
+def test_deleted_images_leave_their_rows_unused(domains_copy, tmp_path, decode_calls):
+    """An image deleted from the data: its row stays in the file (rows never move, so a run
+    reading the store meanwhile is not disturbed), nothing is decoded again, and the store
+    serves the images that remain."""
+    data = discover(domains_copy)
+    folder = tmp_path / "store"
+    open_store(data, range(len(data.samples)), SPEC, folder, progress=None)
+    size = (folder / PIXELS).stat().st_size
+    (domains_copy / "photo" / "square" / "003.png").unlink()
+    data = discover(domains_copy)
+    decode_calls.clear()
+    store = open_store(data, range(len(data.samples)), SPEC, folder, progress=None)
+    assert decode_calls == [] and (folder / PIXELS).stat().st_size == size
+    assert_matches_decode(store, data, range(len(data.samples)))
+
+
+def test_unreadable_manifest_is_rebuilt_with_one_line(tiny_domains, tmp_path, capsys):
+    data = discover(tiny_domains)
+    folder = tmp_path / "store"
+    open_store(data, range(5), SPEC, folder, progress=None)
+    (folder / MANIFEST).write_text('{"format": 1, "paths": [')
+    capsys.readouterr()
+    store = open_store(data, range(5), SPEC, folder, progress=None)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "its manifest cannot be read" in line and line.endswith("rebuilding it")
+    assert_matches_decode(store, data, range(5))
+
+
 def test_interrupted_build_never_looks_complete_and_resumes(tiny_domains, tmp_path,
                                                             monkeypatch, capsys):
     data = discover(tiny_domains)
@@ -294,6 +322,28 @@ def test_two_processes_build_one_store_and_read_the_same_bytes(tiny_domains, tmp
     want = hashlib.sha256(decoded.pixels.tobytes()).hexdigest()
     assert [r["sha"] for r in results] == [want, want]
     assert manifest_of(folder)["complete"] is True
+
+
+def test_disk_filling_while_allocating_leaves_no_store(tiny_domains, tmp_path, monkeypatch):
+    """The free space was enough when checked, then the disk filled (another writer): the
+    allocation fails with ENOSPC before any row is written, in one line, and neither manifest
+    nor pixels remain; once there is room, the store builds."""
+    import errno
+
+    data = discover(tiny_domains)
+    folder = tmp_path / "store"
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pixel_store.os, "posix_fallocate", full, raising=False)
+    with pytest.raises(DgkitError) as err:
+        open_store(data, range(len(data.samples)), SPEC, folder, progress=None)
+    assert "\n" not in str(err.value) and "the disk filled while allocating it" in str(err.value)
+    assert not (folder / MANIFEST).exists() and not (folder / PIXELS).exists()
+    monkeypatch.undo()
+    store = open_store(data, range(len(data.samples)), SPEC, folder, progress=None)
+    assert_matches_decode(store, data, range(len(data.samples)))
 
 
 def test_prefetcher_yields_batches_in_order_and_bounded(tiny_domains):
