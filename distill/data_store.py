@@ -129,21 +129,35 @@ class BatchFeed:
     """The pixels of each training step's batch, gathered from disk by a `Prefetcher` up to
     READ_AHEAD steps ahead. Asked for a step other than the next (the first, a resume, SWAD's
     jump to a stage end), it starts reading ahead from there; the batches themselves are
-    `batch(step)`, drawn on the caller's thread (the sampler is not thread-safe)."""
+    `batch(step)`, drawn on the caller's thread (the sampler is not thread-safe).
 
-    def __init__(self, pixels: DiskPixels, batch: Callable[[int], np.ndarray]) -> None:
+    With `part` (a torchrun rank's shard of each batch) only those rows are read from disk;
+    the batch comes back whole, with zeros in the rows of the other ranks."""
+
+    def __init__(self, pixels: DiskPixels, batch: Callable[[int], np.ndarray],
+                 part: slice = slice(None)) -> None:
         self.pixels = pixels
         self.batch = batch
+        self.part = part
         self._next: int | None = None
         self._ahead: Prefetcher | None = None
+
+    def _read(self, rows: np.ndarray) -> tuple[int, torch.Tensor]:
+        return len(rows), self.pixels.host(rows[self.part])
 
     def __call__(self, step: int) -> torch.Tensor:
         if step != self._next or self._ahead is None:
             self.close()
-            self._ahead = Prefetcher(self.pixels.host,
-                                     map(self.batch, itertools.count(step)), depth=READ_AHEAD)
+            self._ahead = Prefetcher(self._read, map(self.batch, itertools.count(step)),
+                                     depth=READ_AHEAD)
         self._next = step + 1
-        return to_device(next(self._ahead), self.pixels.device)
+        n, host = next(self._ahead)
+        mine = to_device(host, self.pixels.device)
+        if len(mine) == n:
+            return mine
+        whole = mine.new_zeros((n, *mine.shape[1:]))
+        whole[self.part] = mine
+        return whole
 
     def close(self) -> None:
         if self._ahead is not None:

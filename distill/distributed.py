@@ -35,6 +35,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def shard() -> slice:
+    """This rank's part of each global batch: every world()-th image, from its rank on."""
+    return slice(rank(), None, world())
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's value on every rank."""
     if world() == 1:

@@ -336,7 +336,7 @@ class Trainer:
         sampler = DomainSampler(
             [prep.train_rows[(prep.domains[train_rows] == d).cpu().numpy()]
              for d in prep.source_ids], self.config.batch_size, self.config.seed)
-        feed = (data_store.BatchFeed(prep.pixels, sampler.batch)
+        feed = (data_store.BatchFeed(prep.pixels, sampler.batch, distributed.shard())
                 if isinstance(prep.pixels, data_store.DiskPixels) else None)
         return Session(prep, student, method, params, self._optimizer(params, method),
                        self._averager(student), sampler, feed)
@@ -376,8 +376,7 @@ class Trainer:
         images = augment(self._batch_pixels(s, step, rows), gen, cfg.image_size,
                          cfg.augmentation)
         if distributed.world() > 1:  # the same global batch everywhere; one slice each
-            mine = slice(distributed.rank(), None, distributed.world())
-            rows, images = rows[mine], images[mine]
+            rows, images = rows[distributed.shard()], images[distributed.shard()]
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         batch = Batch(images, prep.labels[rows], prep.domains[rows], rows, step)
@@ -615,19 +614,27 @@ class Trainer:
         """The augmented source batches training would draw at steps start..start+n-1, each
         seeded by (seed, step): the authors' update_bn continues their training iterator."""
         cfg = self.config
-        for k in range(start, start + n):
-            rows = to_device(torch.from_numpy(s.sampler.batch(k)), self.device)
-            gen = torch.Generator().manual_seed(step_seed(cfg.seed, k, "augment"))
-            torch.manual_seed(step_seed(cfg.seed, k, "torch"))
-            images = augment(self._batch_pixels(s, k, rows), gen, cfg.image_size,
-                             cfg.augmentation)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield images
+        # Rank 0 alone refreshes, on whole batches: from disk, its own feed reads every row.
+        feed = data_store.BatchFeed(s.feed.pixels, s.sampler.batch) if s.feed else None
+        try:
+            for k in range(start, start + n):
+                rows = to_device(torch.from_numpy(s.sampler.batch(k)), self.device)
+                gen = torch.Generator().manual_seed(step_seed(cfg.seed, k, "augment"))
+                torch.manual_seed(step_seed(cfg.seed, k, "torch"))
+                images = augment(s.prep.pixels[rows] if feed is None else feed(k), gen,
+                                 cfg.image_size, cfg.augmentation)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                yield images
+        finally:
+            if feed:
+                feed.close()
 
     @staticmethod
     def _batch_pixels(s: Session, step: int, rows: torch.Tensor) -> torch.Tensor:
-        """The uint8 pixels of training step `step`'s batch `rows` on the device."""
+        """The uint8 pixels of training step `step`'s batch `rows` on the device; from disk
+        under torchrun, the rows of this rank's shard alone are read (the others are zeros:
+        augmentation is per image, and each rank trains on its shard only)."""
         return s.prep.pixels[rows] if s.feed is None else s.feed(step)
 
     def _write_summary(self, prep: Prepared, state: dict, finished: bool) -> Summary:

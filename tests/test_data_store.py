@@ -183,3 +183,82 @@ def test_a_run_json_without_the_options_loads_with_memory(tmp_path):
     for key in ("data_store", "memory_budget"):
         del written["train"][key]
     assert RunConfig.from_dict(written, "run.json").train.data_store == "memory"
+
+
+def test_a_disk_too_full_stops_before_training(tiny_domains, tmp_path, monkeypatch):
+    """--data-store disk on a disk without room for the store: one sentence with the space
+    needed and free, before any step, and neither the store nor the run's weights written."""
+    from collections import namedtuple
+
+    from dgkit import api, pixel_store
+    from dgkit.distill.trainer import Trainer
+    from dgkit.errors import DgkitError
+    from dgkit.train_config import TrainConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pixel_store.shutil, "disk_usage", lambda path: usage(10**9, 0, 5000))
+    monkeypatch.setattr(Trainer, "step", lambda *a: pytest.fail("a step ran"))
+    with pytest.raises(DgkitError) as err:
+        api.train(TrainConfig(data=str(tiny_domains), targets=["sketch"], steps=2,
+                              image_size=32, student_weights="none", batch_size=12,
+                              device="cpu", data_store="disk"), tmp_path / "run", quiet=True)
+    message = str(err.value)
+    assert "\n" not in message and "not enough disk space for the pixel store" in message
+    assert f"({72 * 32 * 32 * 3} bytes) and 5.0 KB (5000 bytes) are free" in message
+    assert _stores(tmp_path / "cache") == []
+    assert not (tmp_path / "run" / "student.safetensors").exists()
+
+
+def test_a_rank_reads_only_its_shard_of_each_batch(tiny_domains, tmp_path):
+    """Under torchrun a rank's feed reads the rows of its slice of each global batch and no
+    other; the batch comes back whole, its slice equal to memory's, zeros elsewhere."""
+    import numpy as np
+    import torch
+
+    from dgkit.data import decode_samples, discover
+    from dgkit.distill.data_store import BatchFeed, DiskPixels
+    from dgkit.pixel_store import open_store
+    from dgkit.preprocess import PreprocessSpec
+
+    data, spec = discover(tiny_domains), PreprocessSpec(32, 32)
+    every = np.arange(len(data.samples))
+    store = open_store(data, every, spec, tmp_path / "store", progress=None)
+    memory = torch.from_numpy(decode_samples(data, every, spec, None).pixels
+                              ).permute(0, 3, 1, 2).contiguous()
+    gathered: list[np.ndarray] = []
+    real = store.gather
+    store.gather = lambda rows: (gathered.append(np.array(rows)), real(rows))[1]
+
+    def batch(step: int) -> np.ndarray:
+        return np.random.default_rng(step).permutation(len(store))[:12]
+
+    feed = BatchFeed(DiskPixels(store), batch, slice(1, None, 2))
+    for step in (0, 1, 5):  # 5: a jump, as a resume makes, restarts the read-ahead there
+        got, rows = feed(step), batch(step)
+        assert got.shape == (12, 3, 32, 32)
+        assert torch.equal(got[1::2], memory[rows[1::2]]) and not got[0::2].any()
+    feed.close()
+    shards = [batch(k)[1::2] for k in range(12)]
+    assert gathered and all(any(np.array_equal(g, s) for s in shards) for g in gathered)
+
+
+def test_two_ranks_train_from_disk_what_they_train_from_memory(tiny_domains, tmp_path):
+    """torchrun, 2 gloo ranks: each reads its shard of every batch from the store, and the run
+    (with SWAD's BatchNorm refresh on rank 0, which reads whole batches) equals memory's."""
+    import subprocess
+    import sys
+
+    runs = {}
+    for store in ("memory", "disk"):
+        runs[store] = tmp_path / store
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             "2", "-m", "dgkit", "distill", "--data", str(tiny_domains), "--target", "sketch",
+             "--steps", "6", "--eval-every", "3", "--average", "swad", "--swad-bn-batches",
+             "2", "--out", str(runs[store]), "--device", "cpu", "--data-store", store, *TINY],
+            capture_output=True, text=True, timeout=300,
+            env={**_env(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_stores(tmp_path / "cache")) == 1
+    assert_same_run(runs["memory"], runs["disk"])
