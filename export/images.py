@@ -17,7 +17,7 @@ import numpy as np
 from rich.markup import escape
 
 from dgkit.atomic import atomic_path
-from dgkit.data import DomainData, decode_samples, discover, split_sources
+from dgkit.data import Decoded, DomainData, decode_samples, discover, split_sources
 from dgkit.errors import DgkitError
 from dgkit.preprocess import PreprocessSpec
 from dgkit.progress import console
@@ -72,7 +72,7 @@ def eval_sets(data: DomainData, classes: Sequence[str], targets: Sequence[str],
     if not groups:
         raise DgkitError(f"no validation images found under {data.root}")
     everything = np.concatenate([rows for _, _, rows in groups])
-    decoded = decode_samples(data, everything, spec, "Decoding validation images")
+    decoded = read_or_decode(data, everything, spec, "validation images")
     for path, reason in decoded.bad[:5]:
         console.print(f"[yellow]warning: skipped {escape(str(path))}: {escape(reason)}")
     row_of = {int(i): k for k, i in enumerate(decoded.indices)}
@@ -146,7 +146,7 @@ def calibration_pixels(data: DomainData, source_names: Sequence[str], seed: int,
                     return stored["pixels"], {**info, "cached": True}
         except (OSError, ValueError, KeyError):
             pass  # a broken cache is rebuilt
-    decoded = decode_samples(data, rows, spec, "Decoding calibration images")
+    decoded = read_or_decode(data, rows, spec, "calibration images")
     if decoded.bad:
         path, reason = decoded.bad[0]
         console.print(f"[yellow]warning: {len(decoded.bad)} calibration images skipped, e.g. "
@@ -156,3 +156,18 @@ def calibration_pixels(data: DomainData, source_names: Sequence[str], seed: int,
     with atomic_path(cache) as tmp:
         tmp.write_bytes(buf.getvalue())
     return decoded.pixels, info
+
+
+def read_or_decode(data: DomainData, rows: np.ndarray, spec: PreprocessSpec, what: str
+                   ) -> Decoded:
+    """`decode_samples(data, rows, spec)`, read from the data's pixel store where a
+    `--data-store disk` run left one (the same bytes, checked current; only these rows read),
+    else decoded from the files."""
+    from dgkit.pixel_store import MANIFEST, open_store, store_folder
+
+    folder = store_folder(data.root, spec)
+    if not (folder / MANIFEST).is_file():
+        return decode_samples(data, rows, spec, f"Decoding {what}")
+    store = open_store(data, rows, spec, folder, progress=f"Decoding {what} into the pixel store")
+    console.print(f"{what}: read from the pixel store {folder}", markup=False, highlight=False)
+    return Decoded(store.indices, store.gather(np.arange(len(store))), store.hashes, store.bad)

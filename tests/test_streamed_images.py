@@ -86,3 +86,47 @@ def test_a_disk_run_takes_its_teacher_embeddings_from_the_store(tiny_domains, ti
     by_hash = {content_hash(s.path.read_bytes()): i for i, s in enumerate(data.samples)}
     want = independent_embeddings(load_teacher(tiny_teacher), data, [by_hash[k] for k in keys])
     torch.testing.assert_close(embeddings, want, rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_images_come_from_the_store_a_disk_run_left(tiny_domains, tmp_path,
+                                                                monkeypatch):
+    from dgkit import pixel_store
+    from dgkit.data import decode_samples, split_sources
+    from dgkit.export import images
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data, spec = discover(tiny_domains), PreprocessSpec(32, 32)
+    sources = ["cartoon", "photo"]
+    open_store(data, range(len(data.samples)), spec, progress=None)  # as a disk run leaves it
+    monkeypatch.setattr(images, "decode_samples", no_decoding)
+    monkeypatch.setattr(pixel_store, "decode_one", no_decoding)
+    gathered: list[int] = []
+    real = pixel_store.PixelStore.gather
+    monkeypatch.setattr(pixel_store.PixelStore, "gather",
+                        lambda self, rows: (gathered.append(len(rows)), real(self, rows))[1])
+    got, info = images.calibration_pixels(data, sources, 0, 36, spec, tmp_path / "calib.npz")
+    monkeypatch.undo()
+    assert gathered == [36] and info["images"] == 36  # those rows alone, not the data set
+    ids = [data.domains.index(d) for d in sources]
+    rows = images.calibration_rows(data, ids, 0, 36)
+    assert set(rows) <= set(split_sources(data, ids, 0)[0])
+    assert np.array_equal(got, decode_samples(data, rows, spec, None).pixels)
+
+
+def test_export_of_a_disk_run_reads_the_store(tiny_domains, tmp_path):
+    """`dgkit export --int8` of a disk run: the calibration and parity images are read from the
+    run's store, none decoded (a memory run leaves no store: its export decodes them)."""
+    import os
+
+    from cli_helpers import TINY, dgkit
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    run = tmp_path / "run"
+    dgkit("distill", "--data", tiny_domains, "--target", "sketch", "--steps", "2",
+          "--eval-every", "2", "--out", run, "--data-store", "disk", *TINY, env=env, check=True)
+    proc = dgkit("export", run, "--int8", "--no-validate", "--calib-images", "36", env=env,
+                 check=True)
+    read = [line for line in proc.stderr.splitlines() if "read from the pixel store" in line]
+    assert [line.split(":")[0] for line in read] == ["validation images", "calibration images"]
+    assert "Decoding" not in proc.stderr
+    assert (run / "export" / "model.int8.onnx").is_file()
