@@ -84,6 +84,8 @@ def bench_dg(
     device: opt.Device = DEFAULT("device"),
     precision: opt.Precision = DEFAULT("precision"),
     skip_bad: opt.SkipBad = DEFAULT("skip_bad"),
+    data_store: opt.DataStore = DEFAULT("data_store"),
+    memory_budget: opt.MemoryBudget = DEFAULT("memory_budget"),
     quiet: opt.Quiet = False,
 ) -> None:
     """Leave-one-domain-out benchmark of distillation methods over seeds (DomainBed table)."""
@@ -104,7 +106,7 @@ def bench_dg(
             swad_n_converge=swad_n_converge, swad_n_tolerance=swad_n_tolerance,
             swad_tolerance_ratio=swad_tolerance_ratio, swad_bn_batches=swad_bn_batches,
             precision=precision, device=device,
-            skip_bad=skip_bad))
+            skip_bad=skip_bad, data_store=data_store, memory_budget=memory_budget))
     finally:
         distributed.shutdown()
 
@@ -243,12 +245,31 @@ def run_one(config: dict[str, Any], path: Path, root: Path, quiet: bool) -> Summ
             return summary
         if run.checkpoint.is_file():
             say(f"resuming {path}")
+            _use_data_store(run, config)
             return api.resume(path, quiet=quiet)
     return api.train(config, path, overwrite=True, quiet=quiet, runs_root=root)
 
 
+# Settings that decide where the decoded images live, not the weights: a run made with any of
+# them is reused under any other.
+SAME_WEIGHTS = ("data_store", "memory_budget")
+
+
+def _use_data_store(run, config) -> None:
+    """Resume with this invocation's --data-store and --memory-budget (a run stopped because its
+    images did not fit in memory goes on from the disk store), recorded in its run.json."""
+    import dataclasses
+
+    stored = run.config()
+    where = {k: getattr(config, k) for k in SAME_WEIGHTS}
+    if any(getattr(stored.train, k) != v for k, v in where.items()):
+        run.write_config(dataclasses.replace(stored, train=dataclasses.replace(stored.train,
+                                                                               **where)))
+
+
 def _check_same(trainer, run) -> None:
-    """Refuse to reuse a run directory whose run.json was made with other settings."""
+    """Refuse to reuse a run directory whose run.json was made with other settings (other than
+    SAME_WEIGHTS)."""
     import dataclasses
 
     from dgkit.distill.methods import hparams_dict
@@ -257,7 +278,8 @@ def _check_same(trainer, run) -> None:
     wanted["hparams"] = hparams_dict(trainer.hparams)
     wanted = json.loads(json.dumps(wanted))
     stored = json.loads(json.dumps(dataclasses.asdict(run.config().train)))
-    differ = sorted(k for k in set(wanted) | set(stored) if wanted.get(k) != stored.get(k))
+    differ = sorted(k for k in set(wanted) | set(stored)
+                    if k not in SAME_WEIGHTS and wanted.get(k) != stored.get(k))
     if differ:
         raise DgkitError(f"{run.path} holds a run made with other settings ({', '.join(differ)}"
                          "); pass another --out or delete that run directory")

@@ -79,6 +79,11 @@ def test_bench_dg_writes_the_table_and_reuses_runs(domains_copy, tiny_teacher, t
     again = json.loads((out / "dg_table.json").read_text())
     assert again["results"]["kd"] == table["results"]["kd"]
 
+    # Another --data-store trains the same weights: the finished runs are reused.
+    result = CliRunner().invoke(app, [*args, "--data-store", "disk"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert trained == [("erm", 1, ["sketch"])]
+
     # A run directory made with other settings is refused, not reused.
     longer = list(args)
     longer[args.index("--steps") + 1] = "3"
@@ -95,6 +100,72 @@ def test_method_options_reach_only_their_method():
     assert got == {"kd": {"temperature": "4"}, "vl2v": {"align_steps": "50"}}
     with pytest.raises(DgkitError, match="--rise-anchors names none of --methods"):
         _options_by_method("kd", ["--rise-anchors", "quality"])
+
+
+def test_where_the_images_live_does_not_make_a_run_differ(tmp_path) -> None:
+    import dataclasses
+    from types import SimpleNamespace
+
+    from dgkit.distill.bench_dg import _check_same
+    from dgkit.train_config import TrainConfig
+
+    @dataclasses.dataclass
+    class NoHparams:
+        pass
+
+    def check(wanted: TrainConfig, stored: TrainConfig) -> None:
+        trainer = SimpleNamespace(run_config=lambda: SimpleNamespace(train=wanted),
+                                  hparams=NoHparams())
+        _check_same(trainer, SimpleNamespace(config=lambda: SimpleNamespace(train=stored),
+                                             path=tmp_path))
+
+    stored = TrainConfig(data="d", targets=["sketch"])  # --data-store memory
+    check(TrainConfig(data="d", targets=["sketch"], data_store="disk"), stored)
+    check(TrainConfig(data="d", targets=["sketch"], data_store="auto", memory_budget=2.0), stored)
+    with pytest.raises(DgkitError, match=r"other settings \(steps\)"):
+        check(TrainConfig(data="d", targets=["sketch"], data_store="disk", steps=5), stored)
+
+
+def test_a_resumed_run_reads_from_this_invocations_data_store() -> None:
+    import dataclasses
+    from types import SimpleNamespace
+
+    from dgkit.distill.bench_dg import _use_data_store
+    from dgkit.train_config import TrainConfig
+
+    @dataclasses.dataclass
+    class Stored:
+        train: TrainConfig
+
+    written = []
+    stored = Stored(TrainConfig(data="d", targets=["sketch"]))  # made with --data-store memory
+    run = SimpleNamespace(config=lambda: stored, write_config=written.append)
+    _use_data_store(run, TrainConfig(data="d", targets=["sketch"], data_store="auto",
+                                     memory_budget=1.5))
+    assert [(w.train.data_store, w.train.memory_budget) for w in written] == [("auto", 1.5)]
+    assert dataclasses.replace(written[0].train, data_store="memory",
+                               memory_budget=None) == stored.train
+    written.clear()
+    _use_data_store(run, stored.train)  # the same: run.json is left alone
+    assert written == []
+
+
+def test_data_store_options_reach_every_run(domains_copy, tmp_path, monkeypatch) -> None:
+    from dgkit.cli import app
+    from dgkit.distill import bench_dg
+
+    seen = []
+
+    def fake_run_one(config, path, root, quiet):
+        seen.append((config["data_store"], config["memory_budget"]))
+        raise DgkitError("stop here")
+
+    monkeypatch.setattr(bench_dg, "run_one", fake_run_one)
+    result = CliRunner().invoke(app, [
+        "bench", "dg", "--data", str(domains_copy), "--methods", "erm", "--seeds", "1",
+        "--data-store", "auto", "--memory-budget", "0.5", "--out", str(tmp_path / "b")])
+    assert isinstance(result.exception, DgkitError), result.output
+    assert seen == [("auto", 0.5)]
 
 
 def test_one_seed_shows_no_spread() -> None:
