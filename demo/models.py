@@ -38,7 +38,7 @@ THUMBNAIL = 320
 ARTIFACT_FORMATS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx-fp32",),
     "fp16": ("onnx-fp16",),
-    "int8": ("onnx-int8",),
+    "int8": ("onnx-int8", "onnx-int8-vnni"),  # this CPU's flavour first, see artifact_path
     "trt": ("trt-int8", "trt-fp16"),
 }
 ARTIFACT_FILES = {name: tuple(BY_KEY[k].filename for k in keys)
@@ -186,8 +186,12 @@ class Student:
 
 
 def artifact_path(run: RunDir, artifact: str) -> Path | None:
-    return next((run.export / name for name in ARTIFACT_FILES.get(artifact, ())
-                 if (run.export / name).is_file()), None)
+    from dgkit.cpu import native_flavour
+    from dgkit.export.formats import cpu_int8_key
+
+    native = BY_KEY[cpu_int8_key(native_flavour())].filename  # the INT8 this CPU computes right
+    names = sorted(ARTIFACT_FILES.get(artifact, ()), key=lambda name: name != native)
+    return next((run.export / name for name in names if (run.export / name).is_file()), None)
 
 
 def available_artifacts(run: RunDir) -> list[str]:

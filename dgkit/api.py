@@ -115,8 +115,9 @@ def load_student(run: str | Path) -> Student:
     return load(RunDir(run))
 
 
-def load_predictor(model: str | Path, backend: str = "auto") -> Predictor:
-    """An exported model (.onnx or TensorRT .plan) ready to classify images; no torch."""
+def load_predictor(model: str | Path, backend: str = "auto", any_cpu: bool = False) -> Predictor:
+    """An exported model (.onnx or TensorRT .plan) ready to classify images; no torch. An INT8
+    model made for another kind of CPU is refused unless `any_cpu`."""
     from dgkit.serve.predictor import Predictor
 
-    return Predictor(Path(model), backend=backend)
+    return Predictor(Path(model), backend=backend, any_cpu=any_cpu)

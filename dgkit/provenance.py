@@ -12,26 +12,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
-
 
 def cpu_name() -> str:
     """The CPU's model name, its int8 instruction sets and its physical cores."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == (platform.processor()
-                                                        or platform.machine()):
-                name = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags |= set(value.split())
-    except OSError:
-        pass
+    from dgkit.cpu import cpu_model, instruction_sets
     from dgkit.serve.backends import physical_cores
 
-    isa = "/".join(f for f in INT8_FLAGS if f in flags) or "no int8 extensions listed"
-    return f"{name} ({isa}), {physical_cores()} cores"
+    name = cpu_model() or platform.processor() or platform.machine()
+    return f"{name} ({instruction_sets()}), {physical_cores()} cores"
 
 
 def git_commit() -> str | None:

@@ -57,6 +57,7 @@ Artifacts (RUN/export/):
 Examples:
   dgkit export                                # runs/latest, FP32 only
   dgkit export runs/pacs-sketch --fp16 --int8
+  dgkit export runs/latest --int8 --cpu avx2   # for an edge box with AVX2 and no VNNI
   dgkit export runs/latest --int8 --calib-method percentile --calib-images 1024
   dgkit export runs/latest --fp16 --int8 --trt --max-batch 64   # on a GPU box
 
@@ -112,7 +113,14 @@ def export(
         help="Run directory (default: runs/latest).", show_default=False)] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write model.fp16.onnx.")] = False,
     int8: Annotated[bool, typer.Option(
-        "--int8", help="Also write model.int8.onnx and model.int8-trt.onnx.")] = False,
+        "--int8", help="Also write INT8 models: one for CPUs (see --cpu) and "
+                       "model.int8-trt.onnx for TensorRT.")] = False,
+    cpu: Annotated[str, typer.Option(
+        "--cpu", metavar="auto|avx2|vnni",
+        help="The CPU the INT8 model will run on: avx2 (x86 with AVX2 alone: model.int8.onnx) "
+             "or vnni (x86 with AVX512-VNNI, AVX-VNNI or AMX, ARM64 with dot product: "
+             "model.int8-vnni.onnx, faster there, wrong on AVX2 alone); auto: this machine's.")
+    ] = "auto",
     trt: Annotated[bool, typer.Option(
         "--trt", help="Also build TensorRT engines (needs the trt extra and a CUDA GPU).")
     ] = False,
@@ -146,7 +154,7 @@ def export(
                          calib_images=calib_images, max_batch=max_batch, data=data,
                          validate=validate, max_images=max_images, max_drop=max_drop,
                          max_source_drop=max_source_drop, min_agreement=min_agreement,
-                         latency_runs=latency_runs, triton=triton)
+                         latency_runs=latency_runs, triton=triton, cpu=cpu)
     try:
         summary = export_run(resolve_run(run), opts)
     except OSError as exc:

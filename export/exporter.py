@@ -44,6 +44,7 @@ class ExportOptions:
     min_agreement: float = Gate.min_agreement
     latency_runs: int = 50
     triton: str | None = None  # fp32, fp16 or int8: that artifact as a Triton model repository
+    cpu: str = "auto"  # the CPU INT8 flavour: avx2, vnni or auto (this machine's)
 
     @property
     def gate(self) -> Gate:
@@ -182,8 +183,9 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
         raise DgkitError(f"--triton '{opts.triton}' is not one of: "
                          f"{', '.join(TRITON_ARTIFACTS)}")
     # --triton fp16 or int8 needs that artifact, so it is written too.
-    plan = formats.wanted(opts.fp16 or opts.triton == "fp16", opts.int8 or opts.triton == "int8",
-                          opts.trt)
+    int8 = opts.int8 or opts.triton == "int8"
+    cpu = cpu_flavour(opts.cpu, announce=int8)
+    plan = formats.wanted(opts.fp16 or opts.triton == "fp16", int8, opts.trt, cpu)
     for fmt in plan:
         if fmt.extra != "trt":  # a missing TensorRT is reported, the ONNX files still written
             for module in fmt.needs:
@@ -212,7 +214,8 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     if opts.triton:
         from dgkit.export.triton import write_repository
 
-        repo = write_repository(x.written[TRITON_ARTIFACTS[opts.triton]], run.export / "triton",
+        key = formats.cpu_int8_key(cpu) if opts.triton == "int8" else TRITON_ARTIFACTS[opts.triton]
+        repo = write_repository(x.written[key], run.export / "triton",
                                 name=triton_name(run), max_batch=opts.max_batch)
         console.print(f"wrote {repo} (Triton model repository: tritonserver "
                       f"--model-repository {repo.parent})", soft_wrap=True)
@@ -228,6 +231,22 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
         summary["report"] = _validate(candidates, sets, gate, opts.latency_runs, run.export,
                                       run, config.classes, opts.max_images, dict(summary))
     return summary
+
+
+def cpu_flavour(option: str, announce: bool = True) -> str:
+    """The CPU INT8 flavour `--cpu option` asks for; with `announce`, auto says which it chose
+    and why."""
+    from dgkit.cpu import CPU_FLAVOURS, instruction_sets, native_flavour
+
+    if option not in ("auto", *CPU_FLAVOURS):
+        raise DgkitError(f"--cpu '{option}' is not one of: auto, {', '.join(CPU_FLAVOURS)}")
+    if option != "auto":
+        return option
+    flavour = native_flavour()
+    if announce:
+        console.print(f"INT8 for CPUs: --cpu auto chose {flavour}, the flavour of this "
+                      f"machine's CPU ({instruction_sets()}); pass --cpu for another CPU")
+    return flavour
 
 
 def triton_name(run: RunDir) -> str:

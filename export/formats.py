@@ -31,7 +31,10 @@ FORMATS: tuple[Format, ...] = (
     Format("onnx-fp16", "model.fp16.onnx", "fp16", "--fp16", ("onnx", "onnxconverter_common"),
            "train", "onnxruntime", "fp16", "FP16 compute, FP32 input and output"),
     Format("onnx-int8", "model.int8.onnx", "int8", "--int8", ("onnx", "onnxruntime"), "train",
-           "onnxruntime", "int8", "QDQ, uint8 activations, for CPUs (onnxruntime)"),
+           "onnxruntime", "int8", "QDQ for x86 CPUs with AVX2 alone (--cpu avx2; onnxruntime)"),
+    Format("onnx-int8-vnni", "model.int8-vnni.onnx", "int8-vnni", "--int8",
+           ("onnx", "onnxruntime"), "train", "onnxruntime", "int8",
+           "QDQ for CPUs with VNNI, AMX or ARM64 dot product (--cpu vnni)"),
     Format("onnx-int8-trt", "model.int8-trt.onnx", "int8-trt", "--int8", ("onnx", "onnxruntime"),
            "train", "onnxruntime", "int8", "QDQ, symmetric int8 activations, for TensorRT"),
     Format("trt-fp16", "model.fp16.plan", "fp16", "--trt", ("tensorrt",), "trt", "tensorrt",
@@ -49,20 +52,27 @@ TIMING_CACHE = "tensorrt.timing-cache"
 REPORT_FILES = ("report.json", "report.md", "report.png")
 
 
-def wanted(fp16: bool, int8: bool, trt: bool) -> list[Format]:
-    """The formats an export writes: FP32 always; `--trt` builds an engine from each reduced
-    precision asked for, and from FP16 when none was."""
+def cpu_int8_key(cpu: str) -> str:
+    """The CPU INT8 format of a `--cpu` flavour (dgkit.cpu.CPU_FLAVOURS)."""
+    return "onnx-int8-vnni" if cpu == "vnni" else "onnx-int8"
+
+
+def wanted(fp16: bool, int8: bool, trt: bool, cpu: str = "avx2") -> list[Format]:
+    """The formats an export writes: FP32 always; with `int8`, the CPU flavour for `cpu` and
+    TensorRT's; `--trt` builds an engine from each reduced precision asked for, and from FP16
+    when none was."""
     if trt and not (fp16 or int8):
         fp16 = True
     keys = ["onnx-fp32"]
     keys += ["onnx-fp16"] if fp16 else []
-    keys += ["onnx-int8", "onnx-int8-trt"] if int8 else []
+    keys += [cpu_int8_key(cpu), "onnx-int8-trt"] if int8 else []
     keys += ["trt-fp16"] if trt and fp16 else []
     keys += ["trt-int8"] if trt and int8 else []
     return [BY_KEY[k] for k in keys]
 
 
-# `dgkit export --triton P`: the ONNX artifact a Triton model repository serves, by precision.
+# `dgkit export --triton P`: the ONNX artifact a Triton model repository serves, by precision
+# ("int8": the CPU flavour the export wrote, see cpu_int8_key).
 TRITON_ARTIFACTS = {"fp32": "onnx-fp32", "fp16": "onnx-fp16", "int8": "onnx-int8"}
 
 

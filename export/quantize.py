@@ -1,6 +1,7 @@
 """INT8: onnxruntime static quantization (QDQ, per-channel int8 weights) after
 `quant_pre_process`, calibrated once on source-domain images and written once per record of
-`FLAVOURS`, each the recipe of one runtime:
+`FLAVOURS` that the export asks for (one CPU flavour, `--cpu`, and TensorRT's), each the recipe
+of one runtime:
 
 - "int8" (`model.int8.onnx`): uint8 activations for onnxruntime on CPUs, because x86 CPUs
   without VNNI run symmetric int8 activations far slower. Their u8 x s8 kernel adds the
@@ -11,6 +12,10 @@
   bits, because onnxruntime accumulates them in 32 bits. Activations that take both signs get a
   range symmetric about zero, because a held-out domain overshoots the source-calibrated range
   most on its shorter side; those that cannot go below zero (ReLU outputs) keep [0, max].
+- "int8-vnni" (`model.int8-vnni.onnx`): the same for CPUs whose int8 products add up in 32
+  bits (x86 with AVX512-VNNI, AVX-VNNI or AMX, ARM64 with the dot-product instructions; see
+  `dgkit.cpu`), where nothing saturates: 8-bit weights everywhere, no pair budget. On an AVX2
+  CPU without VNNI onnxruntime computes it wrong, so the Predictor refuses it there.
 - "int8-trt" (`model.int8-trt.onnx`): symmetric int8 activations, full 8-bit weights, float
   biases and one Q/DQ pair per consumer, as TensorRT's explicit quantization wants (it
   accumulates in 32 bits, so nothing saturates).
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -68,6 +73,7 @@ class Int8Flavour:
     full_range_depthwise: bool = False  # depthwise weights keep 8 bits despite reduce_range
     symmetric_signed_ranges: bool = False  # ranges that span zero widened symmetric about it
     error_feedback_rounding: bool = True  # re-round 1x1, classifier, depthwise weights
+    quantize_stem: bool = False  # the stem's convolutions INT8 too (else FP32, see conv_roles)
     pair_budget: int | None = None  # 1x1 and classifier weights: levels channels 2i, 2i+1 share
     extra_options: Mapping[str, Any] = field(  # quantize_static's extra_options
         default_factory=lambda: MappingProxyType({}), hash=False)
@@ -83,6 +89,8 @@ FLAVOURS: tuple[Int8Flavour, ...] = (
     # onnxruntime on CPUs: no AVX2 saturation, signed activations symmetric
     Int8Flavour("int8", "QUInt8", reduce_range=True, full_range_depthwise=True,
                 symmetric_signed_ranges=True, pair_budget=PAIR_BUDGET),
+    # onnxruntime on CPUs whose int8 products add up in 32 bits: 8-bit weights everywhere
+    Int8Flavour("int8-vnni", "QUInt8", reduce_range=False, symmetric_signed_ranges=True),
     # TensorRT's explicit quantization: symmetric throughout, float biases
     Int8Flavour("int8-trt", "QInt8", reduce_range=False, extra_options=MappingProxyType({
         "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
@@ -210,17 +218,17 @@ def pre_process(fp32: Path, out: Path) -> None:
     quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
 
 
-def quantize(fp32: Path, pixels: np.ndarray, method: str,
-             metas: dict[str, ModelMeta]) -> dict[str, Any]:
+def quantize(fp32: Path, pixels: np.ndarray, method: str, metas: dict[str, ModelMeta],
+             flavours: Sequence[Int8Flavour] = FLAVOURS) -> dict[str, Any]:
     """Calibrate `fp32` on `pixels` (N x S x S x 3 uint8) once and return {flavour name:
-    ModelProto}, with its dgkit metadata, for each record of FLAVOURS whose name is in `metas`."""
+    ModelProto}, with its dgkit metadata, for each of `flavours` whose name is in `metas`."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from dgkit.export.onnx_export import set_metadata
 
     _method(method)
-    unknown = set(metas) - {flavour.name for flavour in FLAVOURS}
+    unknown = set(metas) - {flavour.name for flavour in flavours}
     if unknown:
         raise ValueError(f"no INT8 flavour named {', '.join(sorted(unknown))}")
     out: dict[str, Any] = {}
@@ -237,7 +245,7 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str,
             keep_fp32, depthwise = conv_roles(pre)
             float_model = onnx.load(str(pre))
             correlations: dict[str, np.ndarray] = {}  # measured once for all flavours
-            for flavour in FLAVOURS:
+            for flavour in flavours:
                 if flavour.name not in metas:
                     continue
                 target = work / f"{flavour.name}.onnx"
@@ -254,7 +262,8 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str,
                     per_channel=True, reduce_range=flavour.reduce_range,
                     activation_type=getattr(QuantType, flavour.activation_type),
                     weight_type=QuantType.QInt8, calibrate_method=_method(method),
-                    nodes_to_exclude=keep_fp32, extra_options=extra,
+                    nodes_to_exclude=[] if flavour.quantize_stem else keep_fp32,
+                    extra_options=extra,
                     calibration_cache_path=str(flavour_ranges),
                 )
                 model = onnx.load(str(target))

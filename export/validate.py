@@ -74,7 +74,8 @@ def torch_candidate(student: Any, size_bytes: int) -> Candidate:
 
 def file_candidate(path: Path, fmt: Format | None = None) -> Candidate:
     """An exported model run by the serve Predictor, or a note saying why it cannot run here."""
-    from dgkit.serve.predictor import Predictor
+    from dgkit.cpu import instruction_sets
+    from dgkit.serve.predictor import Predictor, WrongCpu
 
     fmt = fmt or format_of(path)
     key = fmt.key if fmt else path.name
@@ -86,20 +87,29 @@ def file_candidate(path: Path, fmt: Format | None = None) -> Candidate:
         if reason:
             return Candidate(key, path.name, fmt.precision if fmt else "", "tensorrt", size,
                              None, f"not runnable here: {reason}")
-    predictor = Predictor(path)
+    try:
+        predictor = Predictor(path)
+    except WrongCpu as wrong:  # made for a CPU whose int8 arithmetic this one lacks
+        console.print(f"{path.name} is for another CPU than this one "
+                      f"({instruction_sets()}): validated in exact arithmetic")
+        return Candidate(key, path.name, wrong.meta.precision, QDQ_REFERENCE, size,
+                         qdq_reference(path), meta=wrong.meta)
     if path.suffix == ".onnx" and predictor.meta.precision == "int8-trt":
-        return Candidate(key, path.name, "int8-trt", "ort-cpu-qdq-reference", size,
+        return Candidate(key, path.name, "int8-trt", QDQ_REFERENCE, size,
                          qdq_reference(path), meta=predictor.meta)
     return Candidate(key, path.name, predictor.meta.precision, predictor.backend, size,
                      predictor.run_batch, meta=predictor.meta)
 
 
+QDQ_REFERENCE = "ort-cpu-qdq-reference"  # the runtime name of `qdq_reference`
+
+
 def qdq_reference(path: Path) -> Logits:
-    """The symmetric-INT8 model as TensorRT computes it: every Q/DQ pair applied exactly, with
-    onnxruntime's graph optimisations off. Its optimised CPU run would not show this: on x86
-    CPUs without VNNI onnxruntime's int8 kernels add 16-bit pairs of products (vpmaddubsw),
-    which saturate on symmetric activations and cost this model most of its accuracy, while
-    TensorRT accumulates in 32 bits."""
+    """An INT8 model as a runtime that accumulates in 32 bits computes it (TensorRT, or
+    onnxruntime on a CPU with VNNI): every Q/DQ pair applied exactly, with onnxruntime's graph
+    optimisations off. Its optimised run on an x86 CPU without VNNI would not show this: there
+    onnxruntime's int8 kernels add 16-bit pairs of products (vpmaddubsw), which saturate on
+    symmetric activations and 8-bit weights."""
     import onnxruntime as ort
 
     from dgkit.model_meta import INPUT_NAME, OUTPUT_NAME

@@ -10,7 +10,7 @@ CLIP weights the teacher is a small CLIP trained on another draw of the sample w
 ```
 quickstart/data/<domain>/<class>/<n>.png   the sample dataset
 quickstart/run/                            the run directory (run.json, student, metrics, ...)
-quickstart/run/export/                     model.onnx, model.fp16.onnx, model.int8.onnx, report.*
+quickstart/run/export/                     model.onnx, model.fp16.onnx, model.int8*.onnx, report.*
 quickstart/erm/                            the ERM student, for comparison (erm.log: its output)
 quickstart/quickstart.json                 the numbers printed at the end
 ```
@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from dgkit.atomic import write_json
+from dgkit.cpu import native_flavour
 from dgkit.errors import DgkitError, require_extra
-from dgkit.export.formats import BY_KEY
+from dgkit.export.formats import BY_KEY, cpu_int8_key
 from dgkit.progress import console
 
 if TYPE_CHECKING:
@@ -382,7 +383,7 @@ def run_quickstart(out: Path = Path("quickstart"), overwrite: bool = False,
     report = export(run, schedule)
     lap("export")
     console.rule(f"4/4 classify held-out {TARGET}es")
-    int8 = run / "export" / BY_KEY["onnx-int8"].filename
+    int8 = run / "export" / BY_KEY[cpu_int8_key(native_flavour())].filename  # --cpu auto's
     examples = classify_examples(int8, data, schedule.examples, seed)
     lap("classify")
 

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from dgkit.serve.predictor import Prediction
 
 BACKEND_HELP = "auto | tensorrt | ort-trt | ort-cuda | ort-cpu"
+AnyCpu = Annotated[bool, typer.Option(
+    "--any-cpu", help="Run an INT8 model made for another kind of CPU (dgkit export --cpu) "
+                      "although its answers would be wrong here.")]
 FORMATS = ("table", "json", "csv")
 PROGRESS_MIN_FILES = 50  # below this a bar only flickers
 
@@ -84,6 +87,7 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model call.")] = 32,
     fmt: Annotated[str, typer.Option("--format", help="table | json (lines) | csv.")] = "table",
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
+    any_cpu: AnyCpu = False,
 ) -> None:
     """Classify images: one line per image; unreadable ones are reported and skipped (exit 1)."""
     if fmt not in FORMATS:
@@ -105,7 +109,7 @@ def predict(
     if not files and not failed:
         raise DgkitError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in "
                          f"{', '.join(map(str, paths))}")
-    predictor = Predictor(model, backend)
+    predictor = Predictor(model, backend, any_cpu=any_cpu)
     console.print(f"[dim]{escape(model.name)} on backend {predictor.backend}: "
                   f"{len(files)} image{'' if len(files) == 1 else 's'}[/dim]")
     header, line = _formatter(fmt, min(top_k, len(predictor.classes)),
@@ -194,6 +198,7 @@ def serve(
              "remaining images are not decoded. (A request whose client disconnects stops "
              "the same way.)")] = ServeLimits.request_timeout,
     backend: Annotated[str, typer.Option("--backend", help=BACKEND_HELP)] = "auto",
+    any_cpu: AnyCpu = False,
     max_batch: Annotated[int, typer.Option(
         "--max-batch", help="Most images in one model call; requests waiting together share "
                             "one (a larger request runs alone). 1: no batching."
@@ -223,7 +228,7 @@ def serve(
     from dgkit.serve.predictor import Predictor
 
     _return_freed_memory()
-    predictor = Predictor(model, backend)
+    predictor = Predictor(model, backend, any_cpu=any_cpu)
     app = create_app(predictor, limits, model_name, batching)
     console.print(f"serving {model.name} ({len(predictor.classes)} classes) on backend "
                   f"{predictor.backend} at http://{host}:{port}")

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from dgkit.errors import DgkitError
+from dgkit.model_meta import ModelMeta
 from dgkit.preprocess import MAX_PIXELS, ImageSource, load_prepared, open_image, to_model_input
 from dgkit.serve.backends import OrtRunner, Runner, check_backend
 
@@ -68,16 +69,40 @@ def _as_list(images: ImageSource | Iterable[ImageSource]) -> list[ImageSource]:
     return list(images)
 
 
+class WrongCpu(DgkitError):
+    """An INT8 model made for another kind of CPU, whose answers would be wrong on this one."""
+
+    def __init__(self, message: str, meta: ModelMeta) -> None:
+        super().__init__(message)
+        self.meta = meta
+
+
+def _check_cpu(path: Path, meta: ModelMeta, any_cpu: bool) -> None:
+    from dgkit.cpu import mismatch, native_flavour
+
+    reason = mismatch(meta.precision)
+    if reason is None:
+        return
+    sentence = (f"{path.name} should not run on this CPU: {reason}; export one for it with "
+                f"dgkit export RUN --int8 --cpu {native_flavour()}")
+    if not any_cpu:
+        raise WrongCpu(f"{sentence} (or pass --any-cpu to run it anyway)", meta)
+    log.warning(sentence)
+
+
 class Predictor:
     """Load a dgkit `.onnx` or TensorRT `.plan` and classify images with it.
 
     backend: auto | tensorrt | ort-trt | ort-cuda | ort-cpu. `auto` takes TensorRT for a `.plan`,
     else onnxruntime's CUDA provider when onnxruntime-gpu is present, else the CPU; the choice
     is in `self.backend` and logged. `threads` sets onnxruntime's intra-op threads
-    (default: the physical cores).
+    (default: the physical cores). An INT8 model made for another kind of CPU than this one
+    (`dgkit export --cpu`), whose answers would be wrong here, is refused unless `any_cpu`,
+    which runs it with a warning.
     """
 
-    def __init__(self, path: str | Path, backend: str = "auto", threads: int | None = None):
+    def __init__(self, path: str | Path, backend: str = "auto", threads: int | None = None,
+                 any_cpu: bool = False):
         check_backend(backend)
         path = Path(path).expanduser()
         if not path.exists():
@@ -97,6 +122,8 @@ class Predictor:
                 raise DgkitError(f"backend 'tensorrt' runs TensorRT engines (.plan) and {path} is "
                                  "not one; build an engine with dgkit export or use 'ort-trt'")
             runner = OrtRunner(path, backend, threads)
+        if runner.name == "ort-cpu":
+            _check_cpu(path, runner.meta, any_cpu)
         self.path = path
         self.meta = runner.meta
         self.spec = runner.meta.preprocess

@@ -11,6 +11,10 @@ from PIL import Image, ImageDraw
 
 PACS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "PACS"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Every test sees the same CPU, an x86 with AVX2 alone, whatever the machine has, so that
+# `--cpu auto` and the Predictor's CPU check do the same everywhere; the tests of other CPUs
+# set dgkit.cpu.FAKE_ENV themselves, and those of this machine's arithmetic remove it.
+os.environ["DGKIT_CPU_FEATURES"] = "avx2"
 
 
 def pytest_collection_modifyitems(config, items):
