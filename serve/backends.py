@@ -1,4 +1,5 @@
-"""Inference backends: onnxruntime (CPU, CUDA or TensorRT provider) and plain TensorRT engines.
+"""Inference backends: onnxruntime (CPU, CUDA or TensorRT provider), OpenVINO (CPU, the
+`openvino` extra) and plain TensorRT engines.
 
 Each runner turns a float32 NCHW batch into float32 logits [N, C]; everything else (decoding,
 softmax, top-k) lives in the predictor so that every backend sees the same inputs.
@@ -18,7 +19,7 @@ from dgkit.model_meta import INPUT_NAME, OUTPUT_NAME, ModelMeta
 
 log = logging.getLogger("dgkit.serve")
 
-BACKENDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu")
+BACKENDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "openvino")
 _PROVIDER = {
     "ort-trt": "TensorrtExecutionProvider",
     "ort-cuda": "CUDAExecutionProvider",
@@ -77,12 +78,33 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def onnx_runner(path: Path, backend: str, threads: int | None = None) -> Runner:
+    """The runner for an ONNX file. `auto`: onnxruntime's CUDA provider when it has one, else
+    OpenVINO when installed (faster on the CPU for INT8: BENCHMARKS.md, "CPU runtimes"), else
+    onnxruntime on the CPU."""
+    if backend == "auto":
+        import onnxruntime as ort
+
+        from dgkit.serve.openvino_backend import openvino_installed
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers() and openvino_installed():
+            backend = "openvino"
+    if backend == "openvino":
+        from dgkit.serve.openvino_backend import OpenVINORunner
+
+        return OpenVINORunner(path, threads)
+    return OrtRunner(path, backend, threads)
+
+
 class OrtRunner:
     """An onnxruntime session; `InferenceSession.run` is thread-safe, so no lock is needed."""
 
     def __init__(self, path: Path, backend: str, threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        if backend == "openvino":  # a caller that should have asked onnx_runner
+            raise DgkitError("backend 'openvino' is run by OpenVINORunner, not onnxruntime "
+                             "(dgkit.serve.backends.onnx_runner picks the runner)")
         available = ort.get_available_providers()
         if backend == "auto":
             # The CUDA provider starts in seconds; the TensorRT provider builds an engine first,
