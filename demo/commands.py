@@ -43,7 +43,8 @@ def demo(
     share: Annotated[bool, typer.Option(
         help="Also open a public gradio.live link (needs internet).")] = False,
     backend: Annotated[str, typer.Option(
-        help="Student backend: auto | tensorrt | ort-trt | ort-cuda | ort-cpu.")] = "auto",
+        help="Student backend: auto | tensorrt | ort-trt | ort-cuda | ort-cpu | openvino.")
+    ] = "auto",
     teacher: Annotated[bool, typer.Option(
         "--teacher/--no-teacher",
         help="Load the CLIP teacher (--no-teacher: the student alone, as on an edge box).")

@@ -79,16 +79,9 @@ def check_backend(backend: str) -> str:
 
 
 def onnx_runner(path: Path, backend: str, threads: int | None = None) -> Runner:
-    """The runner for an ONNX file. `auto`: onnxruntime's CUDA provider when it has one, else
-    OpenVINO when installed (faster on the CPU for INT8: BENCHMARKS.md, "CPU runtimes"), else
-    onnxruntime on the CPU."""
-    if backend == "auto":
-        import onnxruntime as ort
-
-        from dgkit.serve.openvino_backend import openvino_installed
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers() and openvino_installed():
-            backend = "openvino"
+    """The runner for an ONNX file: OpenVINO only when asked for by name (faster for INT8 on an
+    idle CPU, up to 4x slower on a busy one: BENCHMARKS.md, "CPU runtimes"), else onnxruntime
+    (`auto`: its CUDA provider when it has one, else the CPU)."""
     if backend == "openvino":
         from dgkit.serve.openvino_backend import OpenVINORunner
 

@@ -23,7 +23,7 @@ from dgkit.serve.limits import Batching, ServeLimits
 if TYPE_CHECKING:
     from dgkit.serve.predictor import Prediction
 
-BACKEND_HELP = "auto | tensorrt | ort-trt | ort-cuda | ort-cpu"
+BACKEND_HELP = "auto | tensorrt | ort-trt | ort-cuda | ort-cpu | openvino"
 AnyCpu = Annotated[bool, typer.Option(
     "--any-cpu", help="Run an INT8 model made for another kind of CPU (dgkit export --cpu) "
                       "although its answers would be wrong here.")]

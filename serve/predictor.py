@@ -19,7 +19,7 @@ from PIL import Image
 from dgkit.errors import DgkitError
 from dgkit.model_meta import ModelMeta
 from dgkit.preprocess import MAX_PIXELS, ImageSource, load_prepared, open_image, to_model_input
-from dgkit.serve.backends import OrtRunner, Runner, check_backend
+from dgkit.serve.backends import Runner, check_backend, onnx_runner
 
 log = logging.getLogger("dgkit.serve")
 
@@ -93,12 +93,12 @@ def _check_cpu(path: Path, meta: ModelMeta, any_cpu: bool) -> None:
 class Predictor:
     """Load a dgkit `.onnx` or TensorRT `.plan` and classify images with it.
 
-    backend: auto | tensorrt | ort-trt | ort-cuda | ort-cpu. `auto` takes TensorRT for a `.plan`,
-    else onnxruntime's CUDA provider when onnxruntime-gpu is present, else the CPU; the choice
-    is in `self.backend` and logged. `threads` sets onnxruntime's intra-op threads
-    (default: the physical cores). An INT8 model made for another kind of CPU than this one
-    (`dgkit export --cpu`), whose answers would be wrong here, is refused unless `any_cpu`,
-    which runs it with a warning.
+    backend: auto | tensorrt | ort-trt | ort-cuda | ort-cpu | openvino. `auto` takes TensorRT for
+    a `.plan`, else onnxruntime's CUDA provider when onnxruntime-gpu is present, else the CPU
+    (OpenVINO only by name); the choice is in `self.backend` and logged. `threads` sets the
+    runtime's threads (default: the physical cores). An INT8 model made for another kind of
+    CPU than this one (`dgkit export --cpu`), whose answers would be wrong here, is refused
+    unless `any_cpu`, which runs it with a warning.
     """
 
     def __init__(self, path: str | Path, backend: str = "auto", threads: int | None = None,
@@ -121,8 +121,8 @@ class Predictor:
             if backend == "tensorrt":
                 raise DgkitError(f"backend 'tensorrt' runs TensorRT engines (.plan) and {path} is "
                                  "not one; build an engine with dgkit export or use 'ort-trt'")
-            runner = OrtRunner(path, backend, threads)
-        if runner.name == "ort-cpu":
+            runner = onnx_runner(path, backend, threads)
+        if runner.name in ("ort-cpu", "openvino"):  # both CPU int8 kernels
             _check_cpu(path, runner.meta, any_cpu)
         self.path = path
         self.meta = runner.meta

@@ -175,3 +175,9 @@ def test_8_bit_weights_saturate_on_this_cpu_when_it_has_avx2_alone(monkeypatch):
     fused, exact = _fused_and_exact(np.full((8, 16), 127, np.int8))
     assert (fused < exact).all()
 
+
+
+def test_the_openvino_backend_is_checked_too(vnni_run):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    with pytest.raises(WrongCpu):
+        Predictor(vnni_run / "export" / "model.int8-vnni.onnx", backend="openvino")

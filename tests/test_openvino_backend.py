@@ -1,5 +1,5 @@
 """The `openvino` backend: its logits match onnxruntime's on the same FP32 and QDQ INT8 files,
-it keeps the dgkit contract, and `auto` picks it on a CPU box where it is installed."""
+it keeps the dgkit contract, and runs when asked for by name."""
 
 from __future__ import annotations
 
@@ -83,13 +83,15 @@ def test_int8_logits_match_onnxruntime(int8: Path) -> None:
 
 
 @needs_openvino
-def test_auto_picks_openvino_on_a_cpu_box(fp32: tuple[Path, dict]) -> None:
+def test_openvino_runs_when_asked_and_auto_stays_onnxruntime(fp32: tuple[Path, dict]) -> None:
     import onnxruntime as ort
 
-    runner = onnx_runner(fp32[0], "auto", threads=1)
+    from dgkit.serve.predictor import Predictor
+
+    asked = Predictor(fp32[0], backend="openvino", threads=1)
+    assert asked.backend == "openvino" and asked.meta.precision == "fp32"
     gpu = "CUDAExecutionProvider" in ort.get_available_providers()
-    assert runner.name == ("ort-cuda" if gpu else "openvino")
-    assert onnx_runner(fp32[0], "ort-cpu", threads=1).name == "ort-cpu"
+    assert Predictor(fp32[0], threads=1).backend == ("ort-cuda" if gpu else "ort-cpu")
 
 
 @needs_openvino
@@ -106,13 +108,10 @@ def test_not_a_dgkit_model(tmp_path: Path) -> None:
         OpenVINORunner(broken)
 
 
-def test_without_openvino_auto_is_onnxruntime(fp32: tuple[Path, dict], monkeypatch) -> None:
-    import onnxruntime as ort
-
+def test_without_openvino_asking_for_it_names_the_extra(fp32: tuple[Path, dict],
+                                                         monkeypatch) -> None:
     from dgkit.serve import openvino_backend
 
     monkeypatch.setattr(openvino_backend, "openvino_installed", lambda: False)
-    gpu = "CUDAExecutionProvider" in ort.get_available_providers()
-    assert onnx_runner(fp32[0], "auto", threads=1).name == ("ort-cuda" if gpu else "ort-cpu")
     with pytest.raises(DgkitError, match=r"pip install 'dgkit\[openvino\]'"):
         onnx_runner(fp32[0], "openvino")
