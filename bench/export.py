@@ -122,7 +122,9 @@ def bench_student(student: str, args: argparse.Namespace, work: Path) -> dict[st
         run = make_run(student, args.data, args.target, args.image_size, work / f"{student}-run")
         made = True
     start = time.perf_counter()
-    summary = export_run(RunDir(run), ExportOptions(int8=True, validate=False,
+    # The avx2 flavour on every CPU, so that rows stay comparable; bench/cpu_runtimes.py times
+    # both CPU flavours.
+    summary = export_run(RunDir(run), ExportOptions(int8=True, validate=False, cpu="avx2",
                                                     calib_images=args.calib_images,
                                                     calib_method=args.calib_method))
     export_s = time.perf_counter() - start
