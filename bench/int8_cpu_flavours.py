@@ -27,7 +27,7 @@ from dgkit.cpu import instruction_sets, native_flavour
 from dgkit.errors import DgkitError
 from dgkit.export import onnx_export as ox
 from dgkit.export.exporter import require_export, run_context
-from dgkit.export.formats import CALIB_CACHE
+from dgkit.export.formats import CALIB_CACHE, cpu_flavour_of
 from dgkit.export.images import calibration_pixels
 from dgkit.export.quantize import FLAVOURS, quantize
 from dgkit.export.validate import Logits, qdq_reference, torch_candidate
@@ -35,9 +35,9 @@ from dgkit.provenance import provenance
 from dgkit.rundir import RunDir
 
 BATCH = 64
-CPU_FLAVOURS = {f.name: f for f in FLAVOURS if f.name in ("int8", "int8-vnni")}
-VARIANTS = {**CPU_FLAVOURS, "int8-vnni, stem int8": dataclasses.replace(
-    CPU_FLAVOURS["int8-vnni"], name="int8-vnni-stem", quantize_stem=True)}
+CPU_RECORDS = {f.name: f for f in FLAVOURS if cpu_flavour_of(f.name)}
+VARIANTS = {**CPU_RECORDS, "int8-vnni, stem int8": dataclasses.replace(
+    CPU_RECORDS["int8-vnni"], name="int8-vnni-stem", quantize_stem=True)}
 
 
 def predictions(run: Logits, pixels: np.ndarray) -> np.ndarray:

@@ -18,9 +18,7 @@ from pathlib import Path
 INT8_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 # Instruction sets whose int8 dot products accumulate in 32 bits (x86 flags, ARM64 "asimddp").
 DOT_32BIT = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
-CPU_FLAVOURS = ("avx2", "vnni")  # `dgkit export --cpu`
-# The CPU flavour of each INT8 ONNX model, by its ModelMeta.precision (dgkit.export.formats).
-PRECISION_FLAVOUR = {"int8": "avx2", "int8-vnni": "vnni"}
+CPU_FLAVOURS = ("avx2", "vnni")  # `dgkit export --cpu`; Format.cpu in dgkit.export.formats
 FAKE_ENV = "DGKIT_CPU_FEATURES"  # comma-separated flags used instead of /proc/cpuinfo's
 
 
@@ -65,7 +63,9 @@ def native_flavour() -> str:
 
 def mismatch(precision: str) -> str | None:
     """Why an ONNX model of this precision computes wrong answers on this CPU, or None."""
-    if PRECISION_FLAVOUR.get(precision) == "vnni" and native_flavour() != "vnni":
+    from dgkit.export.formats import cpu_flavour_of
+
+    if cpu_flavour_of(precision) == "vnni" and native_flavour() != "vnni":
         return (f"it was exported for CPUs whose int8 products add up in 32 bits "
                 f"({', '.join(DOT_32BIT)}) and this CPU has {instruction_sets()}, on which "
                 f"onnxruntime's int8 kernels saturate, so its results would be wrong here")

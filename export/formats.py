@@ -23,6 +23,7 @@ class Format:
     writer: str  # the exporter's function (WRITERS) that writes it; one call per group
     description: str
     source: str = ""  # the format it is built from (a TensorRT engine's ONNX model)
+    cpu: str = ""  # an INT8 model for onnxruntime on CPUs: the --cpu flavour it is made for
 
 
 FORMATS: tuple[Format, ...] = (
@@ -31,10 +32,11 @@ FORMATS: tuple[Format, ...] = (
     Format("onnx-fp16", "model.fp16.onnx", "fp16", "--fp16", ("onnx", "onnxconverter_common"),
            "train", "onnxruntime", "fp16", "FP16 compute, FP32 input and output"),
     Format("onnx-int8", "model.int8.onnx", "int8", "--int8", ("onnx", "onnxruntime"), "train",
-           "onnxruntime", "int8", "QDQ for x86 CPUs with AVX2 alone (--cpu avx2; onnxruntime)"),
+           "onnxruntime", "int8", "QDQ for x86 CPUs with AVX2 alone (--cpu avx2; onnxruntime)",
+           cpu="avx2"),
     Format("onnx-int8-vnni", "model.int8-vnni.onnx", "int8-vnni", "--int8",
            ("onnx", "onnxruntime"), "train", "onnxruntime", "int8",
-           "QDQ for CPUs with VNNI, AMX or ARM64 dot product (--cpu vnni)"),
+           "QDQ for CPUs with VNNI, AMX or ARM64 dot product (--cpu vnni)", cpu="vnni"),
     Format("onnx-int8-trt", "model.int8-trt.onnx", "int8-trt", "--int8", ("onnx", "onnxruntime"),
            "train", "onnxruntime", "int8", "QDQ, symmetric int8 activations, for TensorRT"),
     Format("trt-fp16", "model.fp16.plan", "fp16", "--trt", ("tensorrt",), "trt", "tensorrt",
@@ -54,7 +56,12 @@ REPORT_FILES = ("report.json", "report.md", "report.png")
 
 def cpu_int8_key(cpu: str) -> str:
     """The CPU INT8 format of a `--cpu` flavour (dgkit.cpu.CPU_FLAVOURS)."""
-    return "onnx-int8-vnni" if cpu == "vnni" else "onnx-int8"
+    return next(f.key for f in FORMATS if f.cpu == cpu)
+
+
+def cpu_flavour_of(precision: str) -> str:
+    """The `--cpu` flavour an ONNX model of `precision` is made for; "" when not a CPU INT8."""
+    return next((f.cpu for f in FORMATS if f.cpu and f.precision == precision), "")
 
 
 def wanted(fp16: bool, int8: bool, trt: bool, cpu: str = "avx2") -> list[Format]:

@@ -78,6 +78,19 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def check_contract(path: Path, meta: ModelMeta, inputs: list[str], outputs: list[str],
+                   hw: list) -> None:
+    """Refuse a model whose input and output names, or whose fixed input height and width (`hw`:
+    ints where fixed), break the dgkit contract its metadata `meta` states."""
+    if inputs[:1] != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+        raise DgkitError(f"{path} has inputs {inputs} and outputs {outputs}, not the dgkit "
+                         f"'{INPUT_NAME}' -> '{OUTPUT_NAME}' contract")
+    size = meta.preprocess.input_size
+    if all(isinstance(d, int) for d in hw) and list(hw) != [size, size]:
+        raise DgkitError(f"{path} takes {hw[0]}x{hw[1]} images but its metadata says "
+                         f"input_size {size}")
+
+
 def onnx_runner(path: Path, backend: str, threads: int | None = None) -> Runner:
     """The runner for an ONNX file: OpenVINO only when asked for by name (faster for INT8 on an
     idle CPU, up to 4x slower on a busy one: BENCHMARKS.md, "CPU runtimes"), else onnxruntime
@@ -153,15 +166,8 @@ class OrtRunner:
         props = dict(self.session.get_modelmeta().custom_metadata_map)
         self.meta = ModelMeta.from_props(props, source=str(path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        names = [i.name for i in inputs], [o.name for o in outputs]
-        if names[0][:1] != [INPUT_NAME] or OUTPUT_NAME not in names[1]:
-            raise DgkitError(f"{path} has inputs {names[0]} and outputs {names[1]}, not the dgkit "
-                             f"'{INPUT_NAME}' -> '{OUTPUT_NAME}' contract")
-        size = self.meta.preprocess.input_size
-        hw = inputs[0].shape[2:]
-        if all(isinstance(d, int) for d in hw) and list(hw) != [size, size]:
-            raise DgkitError(f"{path} takes {hw[0]}x{hw[1]} images but its metadata says "
-                             f"input_size {size}")
+        check_contract(path, self.meta, [i.name for i in inputs], [o.name for o in outputs],
+                       inputs[0].shape[2:])
         self._half = inputs[0].type == "tensor(float16)"  # fp16 export without float32 IO
         self._outputs = [OUTPUT_NAME]
 

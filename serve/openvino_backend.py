@@ -47,7 +47,7 @@ class OpenVINORunner:
             raise DgkitError("backend 'openvino' needs OpenVINO: pip install 'dgkit[openvino]'")
         import openvino as ov
 
-        from dgkit.serve.backends import physical_cores
+        from dgkit.serve.backends import check_contract, physical_cores
 
         self.name = "openvino"
         self.meta = read_meta(path)
@@ -57,16 +57,10 @@ class OpenVINORunner:
         except RuntimeError as exc:
             text = (str(exc).strip().splitlines() or ["unknown error"])[-1][:200]
             raise DgkitError(f"OpenVINO cannot read {path} ({text})") from exc
-        inputs = [i.get_any_name() for i in model.inputs]
-        outputs = [name for o in model.outputs for name in o.get_names()]
-        if inputs[:1] != [INPUT_NAME] or OUTPUT_NAME not in outputs:
-            raise DgkitError(f"{path} has inputs {inputs} and outputs {outputs}, not the dgkit "
-                             f"'{INPUT_NAME}' -> '{OUTPUT_NAME}' contract")
-        size = self.meta.preprocess.input_size
-        hw = model.inputs[0].get_partial_shape()[2:]
-        if all(d.is_static for d in hw) and [d.get_length() for d in hw] != [size, size]:
-            raise DgkitError(f"{path} takes {hw[0]}x{hw[1]} images but its metadata says "
-                             f"input_size {size}")
+        check_contract(path, self.meta, [i.get_any_name() for i in model.inputs],
+                       [name for o in model.outputs for name in o.get_names()],
+                       [d.get_length() if d.is_static else None
+                        for d in model.inputs[0].get_partial_shape()[2:]])
         self._half = model.inputs[0].get_element_type() == ov.Type.f16
         config = {"INFERENCE_NUM_THREADS": threads or physical_cores(), "NUM_STREAMS": 1,
                   "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}

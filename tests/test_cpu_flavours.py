@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from test_export import _qdq_layer
 
 from dgkit import cpu
+from dgkit.export.formats import cpu_flavour_of
 from dgkit.export.rounding import QUANTIZED_SUFFIX
 from dgkit.serve.predictor import Predictor, WrongCpu
 
@@ -53,7 +54,7 @@ def test_cpu_vnni_writes_a_model_that_names_its_flavour(vnni_run):
     model = onnx.load(str(export / "model.int8-vnni.onnx"))
     props = {p.key: p.value for p in model.metadata_props}
     assert props["precision"] == "int8-vnni"
-    assert cpu.PRECISION_FLAVOUR[props["precision"]] == "vnni"
+    assert cpu_flavour_of(props["precision"]) == "vnni"
 
 
 def test_the_vnni_flavour_uses_all_8_bits_where_avx2_cannot(vnni_run):
