@@ -71,9 +71,15 @@ def train(config: TrainConfig, out: str | Path, *, overwrite: bool = False,
     return trainer.train()
 
 
-def resume(run: str | Path, *, quiet: bool = False) -> Summary | None:
+def resume(run: str | Path, *, quiet: bool = False, data_store: str | None = None,
+           memory_budget: float | None = None) -> Summary | None:
     """Continue an interrupted run from its last checkpoint, with the options it was made with.
-    A finished run is refused; temporary files of writes that were killed are removed."""
+    A finished run is refused; temporary files of writes that were killed are removed.
+    `data_store` and `memory_budget`, where given, replace the run's own and are recorded in its
+    run.json: they decide where the decoded images live, not the weights, so a run stopped
+    because its images did not fit in memory goes on from the disk store."""
+    import dataclasses
+
     from dgkit.atomic import remove_stale_temps
     from dgkit.distill.trainer import Trainer
     from dgkit.errors import DgkitError
@@ -89,6 +95,14 @@ def resume(run: str | Path, *, quiet: bool = False) -> Summary | None:
                          f"there is nothing to continue; export it with dgkit export {path}, or "
                          f"train it again with --out {path} --overwrite")
     remove_stale_temps(run_dir.path, run_dir.cache)
+    if data_store is not None or memory_budget is not None:
+        store = data_store or config.train.data_store
+        budget = memory_budget if memory_budget is not None or store != "auto" \
+            else config.train.memory_budget
+        if (store, budget) != (config.train.data_store, config.train.memory_budget):
+            config = dataclasses.replace(config, train=dataclasses.replace(
+                config.train, data_store=store, memory_budget=budget))
+            run_dir.write_config(config)
     return Trainer(config.train, run_dir, quiet=quiet).train(resume=True)
 
 

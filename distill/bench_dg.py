@@ -245,26 +245,14 @@ def run_one(config: dict[str, Any], path: Path, root: Path, quiet: bool) -> Summ
             return summary
         if run.checkpoint.is_file():
             say(f"resuming {path}")
-            _use_data_store(run, config)
-            return api.resume(path, quiet=quiet)
+            return api.resume(path, quiet=quiet, data_store=config.data_store,
+                              memory_budget=config.memory_budget)
     return api.train(config, path, overwrite=True, quiet=quiet, runs_root=root)
 
 
 # Settings that decide where the decoded images live, not the weights: a run made with any of
 # them is reused under any other.
 SAME_WEIGHTS = ("data_store", "memory_budget")
-
-
-def _use_data_store(run, config) -> None:
-    """Resume with this invocation's --data-store and --memory-budget (a run stopped because its
-    images did not fit in memory goes on from the disk store), recorded in its run.json."""
-    import dataclasses
-
-    stored = run.config()
-    where = {k: getattr(config, k) for k in SAME_WEIGHTS}
-    if any(getattr(stored.train, k) != v for k, v in where.items()):
-        run.write_config(dataclasses.replace(stored, train=dataclasses.replace(stored.train,
-                                                                               **where)))
 
 
 def _check_same(trainer, run) -> None:

@@ -24,6 +24,7 @@ Examples:
   dgkit distill --data ./mydomains --target sketch --method scmd --recipe fast  # quick run
   dgkit distill --data ./mydomains --target all --method erm      # leave-one-domain-out
   dgkit distill --resume runs/latest                              # continue after Ctrl-C
+  dgkit distill --resume runs/latest --data-store disk     # ... with images streamed from disk
   dgkit distill --data ./d --target s --teacher ViT-B-32:/ckpts/open_clip_model.safetensors
 
 Method options (see `dgkit methods`) follow as --name value, e.g. --kd-weight 0.5.
@@ -126,8 +127,8 @@ def distill(
     precision: opt.Precision = DEFAULT("precision"),
     compile: opt.Compile = DEFAULT("compile"),
     skip_bad: opt.SkipBad = DEFAULT("skip_bad"),
-    data_store: opt.DataStore = DEFAULT("data_store"),
-    memory_budget: opt.MemoryBudget = DEFAULT("memory_budget"),
+    data_store: opt.DataStore = None,
+    memory_budget: opt.MemoryBudget = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Distill a student from the CLIP teacher with a domain-generalization method."""
@@ -140,7 +141,8 @@ def distill(
     if resume is not None:
         from dgkit import api
 
-        _print_summary(api.resume(resume, quiet=quiet), resume)
+        _print_summary(api.resume(resume, quiet=quiet, data_store=data_store,
+                                  memory_budget=memory_budget), resume)
         return
     if data is None:
         raise DgkitError("--data is required: the folder of <domain>/<class>/<image>")

@@ -86,12 +86,15 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 on GPU), fp32 or bf16.")]
 SkipBad = Annotated[bool, typer.Option(
     help="Skip unreadable images instead of refusing to train.")]
-DataStore = Annotated[str, typer.Option(
-    help="Where the decoded training images live: memory (all on the device, the fastest), "
+DataStore = Annotated[str | None, typer.Option(
+    help="Where the decoded training images live: memory (the default: all on the device, the "
+         "fastest), "
          "disk (a memory-mapped store in the user cache, built once and shared by runs over "
          "the same data; for data sets larger than memory) or auto (memory when they fit in "
-         "--memory-budget, else disk). The trained student is the same in every mode.")]
+         "--memory-budget, else disk). The trained student is the same in every mode; with "
+         "--resume it replaces the run's own.")]
 MemoryBudget = Annotated[float | None, typer.Option(
     help="--data-store auto: the most GB the decoded images may take in memory (default: half "
-         "the available host memory, or half the free GPU memory when that is less).")]
+         "the available host memory, or half the free GPU memory when that is less); with "
+         "--resume it replaces the run's own.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bars.")]

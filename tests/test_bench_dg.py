@@ -126,30 +126,6 @@ def test_where_the_images_live_does_not_make_a_run_differ(tmp_path) -> None:
         check(TrainConfig(data="d", targets=["sketch"], data_store="disk", steps=5), stored)
 
 
-def test_a_resumed_run_reads_from_this_invocations_data_store() -> None:
-    import dataclasses
-    from types import SimpleNamespace
-
-    from dgkit.distill.bench_dg import _use_data_store
-    from dgkit.train_config import TrainConfig
-
-    @dataclasses.dataclass
-    class Stored:
-        train: TrainConfig
-
-    written = []
-    stored = Stored(TrainConfig(data="d", targets=["sketch"]))  # made with --data-store memory
-    run = SimpleNamespace(config=lambda: stored, write_config=written.append)
-    _use_data_store(run, TrainConfig(data="d", targets=["sketch"], data_store="auto",
-                                     memory_budget=1.5))
-    assert [(w.train.data_store, w.train.memory_budget) for w in written] == [("auto", 1.5)]
-    assert dataclasses.replace(written[0].train, data_store="memory",
-                               memory_budget=None) == stored.train
-    written.clear()
-    _use_data_store(run, stored.train)  # the same: run.json is left alone
-    assert written == []
-
-
 def test_data_store_options_reach_every_run(domains_copy, tmp_path, monkeypatch) -> None:
     from dgkit.cli import app
     from dgkit.distill import bench_dg

@@ -131,6 +131,37 @@ def test_an_interrupted_disk_run_resumes_exactly(tiny_domains, tmp_path, monkeyp
     assert_same_run(tmp_path / "whole", tmp_path / "resumed")
 
 
+def test_a_memory_run_resumes_from_the_disk_store_when_asked(tiny_domains, tmp_path,
+                                                              monkeypatch):
+    """`dgkit distill --resume RUN --data-store disk` on a run interrupted in memory mode: it
+    goes on from a disk store, ends as the uninterrupted run, and its run.json says disk."""
+    from dgkit import api
+    from dgkit.distill.trainer import Trainer
+    from dgkit.errors import Interrupted
+    from dgkit.train_config import TrainConfig
+
+    config = dict(data=str(tiny_domains), targets=["sketch"], steps=6, eval_every=3,
+                  image_size=32, student_weights="none", batch_size=12, device="cpu")
+    api.train(TrainConfig(**config), tmp_path / "whole", quiet=True)
+    real = Trainer.step
+
+    def step(self, s, k):
+        if k == 4:
+            raise KeyboardInterrupt
+        return real(self, s, k)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    with pytest.raises(Interrupted):
+        api.train(TrainConfig(**config), tmp_path / "resumed", quiet=True)
+    cache = tmp_path / "cache"
+    dgkit("distill", "--resume", tmp_path / "resumed", "--data-store", "disk", "--quiet",
+          env=_env(cache), check=True)
+    assert len(_stores(cache)) == 1
+    assert_same_run(tmp_path / "whole", tmp_path / "resumed")
+    train = json.loads((tmp_path / "resumed" / "run.json").read_text())["train"]
+    assert (train["data_store"], train["memory_budget"]) == ("disk", None)
+
+
 def test_auto_picks_disk_past_the_budget_and_memory_within(tiny_domains, tmp_path):
     cache = tmp_path / "cache"
     small = _train(tiny_domains, tmp_path / "small", cache, "--data-store", "auto",
