@@ -321,13 +321,14 @@ def main() -> None:
               "cpus": os.cpu_count(), "image_size": args.image_size, "student": args.student,
               "batch_size": args.batch_size, "steps": args.steps, "skip_steps": args.skip_steps,
               "repeats": args.repeats, "omp_num_threads": env.get("OMP_NUM_THREADS"),
+              "omp_wait_policy": env.get("OMP_WAIT_POLICY"),
               "method": "erm", "recipe": "fast", "student_weights": "none", "rows": rows,
               "auto": auto}
     if old:
         result["earlier_provenance"] = old.get("earlier_provenance", []) + [old["provenance"]]
-    print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
     print(f"wrote {args.out}")
 
 
@@ -357,7 +358,7 @@ def table(result: dict[str, Any]) -> str:
                      f"{d['images_per_s_median']} | {d['peak_rss_mb']:,.0f} MB "
                      f"({d['peak_anon_rss_mb']:,.0f}) | {r['disk_vs_memory']} | "
                      f"{r['store_cold_s_per_1000']} | {r['store_warm_s_per_1000']} |")
-    if result.get("auto", {}).get("line"):
+    if (result.get("auto") or {}).get("line"):
         lines.append(f"\nauto: {result['auto']['line']}")
     return "\n".join(lines)
 

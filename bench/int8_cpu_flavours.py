@@ -10,6 +10,7 @@ agreement with torch FP32. Writes JSON.
 
     python bench/int8_cpu_flavours.py runs/erm-sketch runs/erm-cartoon \
         --json bench/results/int8_cpu_flavours.json
+    python bench/int8_cpu_flavours.py runs/erm-photo --variants int8,int8-vnni --arithmetic cpu
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +38,7 @@ from dgkit.rundir import RunDir
 
 BATCH = 64
 CPU_RECORDS = {f.name: f for f in FLAVOURS if cpu_flavour_of(f.name)}
-VARIANTS = {**CPU_RECORDS, "int8-vnni, stem int8": dataclasses.replace(
+VARIANTS = {**CPU_RECORDS, "int8-vnni-stem": dataclasses.replace(
     CPU_RECORDS["int8-vnni"], name="int8-vnni-stem", quantize_stem=True)}
 
 
@@ -57,7 +59,8 @@ def optimised(path: Path) -> Logits | None:
         return None
 
 
-def measure_run(path: Path, max_images: int | None) -> list[dict[str, object]]:
+def measure_run(path: Path, max_images: int | None, variants: dict[str, Any],
+                arithmetics: tuple[str, ...]) -> list[dict[str, object]]:
     from dgkit.distill.students import load_student
 
     run = RunDir(path)
@@ -71,15 +74,17 @@ def measure_run(path: Path, max_images: int | None) -> list[dict[str, object]]:
         f"{s.name}_accuracy": round(100 * float((reference[s.name] == s.labels).mean()), 2)
         for s in sets}}]
     metas = {f.name: ox.model_meta(run, config, f.name.removesuffix("-stem"))
-             for f in VARIANTS.values()}
+             for f in variants.values()}
     models = quantize(run.export / "model.onnx", pixels, "minmax", metas,
-                      list(VARIANTS.values()))
+                      list(variants.values()))
     with tempfile.TemporaryDirectory(prefix="dgkit-flavours-") as tmp:
-        for label, flavour in VARIANTS.items():
+        for label, flavour in variants.items():
             file = Path(tmp) / f"{flavour.name}.onnx"
             ox.save_onnx(models[flavour.name], file)
-            for arithmetic, runner in (("exact", qdq_reference(file)),
-                                       (f"this CPU ({instruction_sets()})", optimised(file))):
+            for arithmetic in arithmetics:
+                runner = qdq_reference(file) if arithmetic == "exact" else optimised(file)
+                if arithmetic == "cpu":
+                    arithmetic = f"this CPU ({instruction_sets()})"
                 row: dict[str, object] = {"run": str(path), "variant": label,
                                           "arithmetic": arithmetic}
                 if runner is None:
@@ -122,10 +127,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--max-images", type=int, default=None, help="per validation set")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--arithmetic", choices=("both", "exact", "cpu"), default="both",
+                        help="exact: the QDQ graph unoptimised; cpu: the Predictor on this CPU")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    names = args.variants.split(",")
+    if unknown := set(names) - set(VARIANTS):
+        parser.error(f"--variants: no variant {', '.join(sorted(unknown))}")
+    arithmetics = ("exact", "cpu") if args.arithmetic == "both" else (args.arithmetic,)
     try:
-        rows = [row for run in args.runs for row in measure_run(run, args.max_images)]
+        rows = [row for run in args.runs for row in measure_run(
+            run, args.max_images, {n: VARIANTS[n] for n in names}, arithmetics)]
     except DgkitError as exc:
         sys.exit(f"error: {exc}")
     print(table(rows))
