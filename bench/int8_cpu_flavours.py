@@ -39,7 +39,7 @@ from dgkit.rundir import RunDir
 BATCH = 64
 CPU_RECORDS = {f.name: f for f in FLAVOURS if cpu_flavour_of(f.name)}
 VARIANTS = {**CPU_RECORDS, "int8-vnni-stem": dataclasses.replace(
-    CPU_RECORDS["int8-vnni"], name="int8-vnni-stem", quantize_stem=True)}
+    CPU_RECORDS["int8-vnni"], name="int8-vnni-stem", stem="int8")}
 
 
 def predictions(run: Logits, pixels: np.ndarray) -> np.ndarray:

@@ -23,11 +23,14 @@ of one runtime:
 In every flavour the 1x1, classifier and depthwise weights are re-rounded with error feedback
 (`dgkit.export.rounding`), because on a held-out domain the weights cause most of the
 disagreement with FP32; the float model's input statistics are measured once for all flavours.
-The stem stays FP32 (every convolution upstream of both inputs of the first two-input Add; the
-first convolution alone when there is none), because at the highest resolution the rounding
-errors on flat backgrounds, such as a sketch's, are the same everywhere and global pooling adds
-them up. The calibration pass runs once: its ranges go to a cache file that each flavour's
-`quantize_static` call reads. The measured effect of each choice is in BENCHMARKS.md.
+The stem (every convolution upstream of both inputs of the first two-input Add; the first
+convolution alone when there is none) stays FP32, because at the highest resolution the
+rounding errors on flat backgrounds, such as a sketch's, are the same everywhere and global
+pooling adds them up; except in "int8-vnni" where the stem is a single convolution (ResNet's
+7x7): there INT8 cost little agreement, and its FP32 stem made onnxruntime's INT8 ResNet-18 no
+faster than half of FP32. The calibration pass runs once: its ranges go to a cache file that
+each flavour's `quantize_static` call reads. The measured effect of each choice is in
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -73,7 +76,10 @@ class Int8Flavour:
     full_range_depthwise: bool = False  # depthwise weights keep 8 bits despite reduce_range
     symmetric_signed_ranges: bool = False  # ranges that span zero widened symmetric about it
     error_feedback_rounding: bool = True  # re-round 1x1, classifier, depthwise weights
-    quantize_stem: bool = False  # the stem's convolutions INT8 too (else FP32, see conv_roles)
+    # The stem's convolutions (conv_roles): "fp32", "int8", or "int8-if-one-conv": INT8 where
+    # the stem is a single convolution (ResNet's), FP32 where it spans several layers
+    # (EfficientNet-Lite0's six), whose rounding on flat image areas adds up.
+    stem: str = "fp32"
     pair_budget: int | None = None  # 1x1 and classifier weights: levels channels 2i, 2i+1 share
     extra_options: Mapping[str, Any] = field(  # quantize_static's extra_options
         default_factory=lambda: MappingProxyType({}), hash=False)
@@ -90,7 +96,8 @@ FLAVOURS: tuple[Int8Flavour, ...] = (
     Int8Flavour("int8", "QUInt8", reduce_range=True, full_range_depthwise=True,
                 symmetric_signed_ranges=True, pair_budget=PAIR_BUDGET),
     # onnxruntime on CPUs whose int8 products add up in 32 bits: 8-bit weights everywhere
-    Int8Flavour("int8-vnni", "QUInt8", reduce_range=False, symmetric_signed_ranges=True),
+    Int8Flavour("int8-vnni", "QUInt8", reduce_range=False, symmetric_signed_ranges=True,
+                stem="int8-if-one-conv"),
     # TensorRT's explicit quantization: symmetric throughout, float biases
     Int8Flavour("int8-trt", "QInt8", reduce_range=False, extra_options=MappingProxyType({
         "ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
@@ -168,6 +175,13 @@ def conv_roles(model: Path) -> tuple[list[str], list[str]]:
     return [n.name for n in convs if n.name in stem], depthwise
 
 
+def fp32_stem(flavour: Int8Flavour, stem: list[str]) -> list[str]:
+    """The Convs of `stem` (conv_roles) that `flavour` leaves in FP32."""
+    if flavour.stem == "int8" or (flavour.stem == "int8-if-one-conv" and len(stem) == 1):
+        return []
+    return stem
+
+
 def calibrate(model: Path, pixels: np.ndarray, method: str, ranges: Path, work: Path) -> None:
     """Run `model` on the calibration images, batch by batch (histograms of every activation
     would not fit in memory at once), and save each activation's range to `ranges`."""
@@ -242,7 +256,7 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str, metas: dict[str, Model
             pre_process(fp32, pre)
             ranges = work / "ranges.json"
             calibrate(pre, pixels, method, ranges, work)
-            keep_fp32, depthwise = conv_roles(pre)
+            stem, depthwise = conv_roles(pre)
             float_model = onnx.load(str(pre))
             correlations: dict[str, np.ndarray] = {}  # measured once for all flavours
             for flavour in flavours:
@@ -262,7 +276,7 @@ def quantize(fp32: Path, pixels: np.ndarray, method: str, metas: dict[str, Model
                     per_channel=True, reduce_range=flavour.reduce_range,
                     activation_type=getattr(QuantType, flavour.activation_type),
                     weight_type=QuantType.QInt8, calibrate_method=_method(method),
-                    nodes_to_exclude=[] if flavour.quantize_stem else keep_fp32,
+                    nodes_to_exclude=fp32_stem(flavour, stem),
                     extra_options=extra,
                     calibration_cache_path=str(flavour_ranges),
                 )

@@ -70,6 +70,28 @@ def test_the_vnni_flavour_uses_all_8_bits_where_avx2_cannot(vnni_run):
     assert max(int(s.max()) for s in pair_sums) > 128
 
 
+def _stem_is_int8(model: Path) -> bool:
+    """Whether the graph's first Conv reads its weight through a DequantizeLinear."""
+    graph = onnx.load(str(model)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    first = next(node for node in graph.node if node.op_type == "Conv")
+    weight = producer.get(first.input[1])
+    return weight is not None and weight.op_type == "DequantizeLinear"
+
+
+def test_the_vnni_flavour_quantizes_a_stem_of_one_convolution(vnni_run, tiny_domains, tmp_path):
+    """EfficientNet-Lite0's stem (six convolutions before the first residual connection) stays
+    FP32; ResNet-18's (its 7x7 convolution alone) is INT8 in the vnni flavour, FP32 in avx2."""
+    assert not _stem_is_int8(vnni_run / "export" / "model.int8-vnni.onnx")
+    run = tmp_path / "resnet18"
+    dgkit("distill", "--data", tiny_domains, "--target", "sketch", "--steps", "2",
+          "--student", "resnet18", "--out", run, *TINY, check=True)
+    for flavour, file, int8 in (("vnni", "model.int8-vnni.onnx", True),
+                                ("avx2", "model.int8.onnx", False)):
+        dgkit("export", run, "--int8", "--cpu", flavour, "--no-validate", check=True)
+        assert _stem_is_int8(run / "export" / file) == int8
+
+
 def test_validation_on_a_cpu_without_vnni_runs_the_vnni_flavour_exactly(vnni_run):
     report = json.loads((vnni_run / "export" / "report.json").read_text())
     row = next(a for a in report["artifacts"] if a["file"] == "model.int8-vnni.onnx")
