@@ -2,8 +2,9 @@
 
 For each run (exported with at least model.onnx): calibrates once on the export's 512
 calibration images and writes, in a temporary folder, the `avx2` flavour (model.int8.onnx), the
-`vnni` flavour (model.int8-vnni.onnx) and the `vnni` flavour with its stem quantized too; runs
-each in exact arithmetic (the QDQ graph with onnxruntime's graph optimisations off, what a CPU
+`vnni` flavour (model.int8-vnni.onnx), and the `vnni` flavour with its stem INT8 and with it
+FP32 (the flavour itself quantizes a stem of one convolution alone); runs each in exact
+arithmetic (the QDQ graph with onnxruntime's graph optimisations off, what a CPU
 that accumulates in 32 bits computes) and through the Predictor on this CPU, on every
 validation set `dgkit validate` uses; prints accuracy, its change against torch FP32 and top-1
 agreement with torch FP32. Writes JSON.
@@ -11,6 +12,8 @@ agreement with torch FP32. Writes JSON.
     python bench/int8_cpu_flavours.py runs/erm-sketch runs/erm-cartoon \
         --json bench/results/int8_cpu_flavours.json
     python bench/int8_cpu_flavours.py runs/erm-photo --variants int8,int8-vnni --arithmetic cpu
+    python bench/int8_cpu_flavours.py runs/r18-sketch --variants int8-vnni-stem-fp32,int8-vnni \
+        --arithmetic cpu
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from dgkit.rundir import RunDir
 
 BATCH = 64
 CPU_RECORDS = {f.name: f for f in FLAVOURS if cpu_flavour_of(f.name)}
-VARIANTS = {**CPU_RECORDS, "int8-vnni-stem": dataclasses.replace(
-    CPU_RECORDS["int8-vnni"], name="int8-vnni-stem", stem="int8")}
+VARIANTS = {**CPU_RECORDS, **{  # the vnni flavour with its stem INT8, or FP32, whatever it is
+    f"int8-vnni-stem-{stem}": dataclasses.replace(
+        CPU_RECORDS["int8-vnni"], name=f"int8-vnni-stem-{stem}", stem=stem)
+    for stem in ("int8", "fp32")}}
 
 
 def predictions(run: Logits, pixels: np.ndarray) -> np.ndarray:
@@ -73,7 +78,7 @@ def measure_run(path: Path, max_images: int | None, variants: dict[str, Any],
     rows: list[dict[str, object]] = [{"run": str(path), "variant": "torch FP32", **{
         f"{s.name}_accuracy": round(100 * float((reference[s.name] == s.labels).mean()), 2)
         for s in sets}}]
-    metas = {f.name: ox.model_meta(run, config, f.name.removesuffix("-stem"))
+    metas = {f.name: ox.model_meta(run, config, f.name.split("-stem")[0])
              for f in variants.values()}
     models = quantize(run.export / "model.onnx", pixels, "minmax", metas,
                       list(variants.values()))
