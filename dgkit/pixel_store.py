@@ -104,6 +104,38 @@ class PixelStore:
         return np.asarray(self._pixels[self._file_rows[np.asarray(rows, dtype=np.int64)]])
 
 
+class StoreView:
+    """Rows of a `PixelStore` as a read-only N x S x S x 3 uint8 array-like, read only when
+    asked for: `x[rows]` (integers or a mask) is another view, `x[a:b]` the images themselves
+    (an ndarray). Consumers that go batch by batch hold one batch, not the data set."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, store: PixelStore, rows: np.ndarray | None = None) -> None:
+        self.store = store
+        self.rows = np.arange(len(store)) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.rows), *self.store.image_shape)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return self.store.gather(self.rows[key])
+        if isinstance(key, int | np.integer):
+            return self.store.gather(self.rows[[key]])[0]
+        picked = np.asarray(key)
+        return StoreView(self.store, self.rows[picked if picked.dtype == bool
+                                               else picked.astype(np.int64)])
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        # Every row in memory at once, what the view is for avoiding: only for numpy callers.
+        return np.asarray(self[:], dtype)
+
+
 # ---------------------------------------------------------------- manifest
 
 def _new_manifest(root: Path, spec: PreprocessSpec) -> dict[str, Any]:

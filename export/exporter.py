@@ -194,18 +194,17 @@ def export_run(run: RunDir, opts: ExportOptions) -> dict[str, Any]:
     _check_export_dir(run.export)
     from dgkit.atomic import remove_stale_temps
     remove_stale_temps(run.export)  # left by exports that were killed
-    import numpy as np
-
     from dgkit.distill.students import load_student
     from dgkit.export import onnx_export as ox
+    from dgkit.export.images import gather_rows
 
     started = time.perf_counter()
     # Without validation only the parity images are needed: 32 from each validation set.
     limit = opts.max_images if opts.validate else ox.PARITY_IMAGES // 2
     config, data, sets = run_context(run, opts.data, limit)
     student = load_student(run)
-    pixels = np.concatenate([s.pixels for s in sets])
-    x = _Export(run, config, opts, data, student, pixels[ox.parity_rows(len(pixels))])
+    parity = gather_rows(sets, ox.parity_rows(sum(len(s.pixels) for s in sets)))
+    x = _Export(run, config, opts, data, student, parity)
     timing: dict[str, float] = {}
     for writer, group in itertools.groupby(plan, key=lambda f: f.writer):
         t = time.perf_counter()

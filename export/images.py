@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.markup import escape
@@ -22,6 +22,9 @@ from dgkit.errors import DgkitError
 from dgkit.preprocess import PreprocessSpec
 from dgkit.progress import console
 
+if TYPE_CHECKING:  # dgkit.pixel_store needs fcntl: imported where a store is used
+    from dgkit.pixel_store import PixelStore, StoreView
+
 SOURCE_VAL = "source_val"
 MIN_CALIB_IMAGES = 32
 
@@ -30,7 +33,9 @@ MIN_CALIB_IMAGES = 32
 class EvalSet:
     name: str  # a target domain, or "source_val"
     is_target: bool
-    pixels: np.ndarray  # N x S x S x 3 uint8, prepared
+    # N x S x S x 3 uint8, prepared: in memory, or read from the data's pixel store batch by
+    # batch (a held-out domain of a large data set may not fit in memory).
+    pixels: np.ndarray | StoreView
     labels: np.ndarray  # class indices in the model's class order
 
 
@@ -59,7 +64,8 @@ def eval_sets(data: DomainData, classes: Sequence[str], targets: Sequence[str],
               sources: Sequence[str], seed: int, spec: PreprocessSpec,
               max_images: int | None = None) -> list[EvalSet]:
     """Each target domain in full and the sources' validation split (DomainBed, the seed of the
-    run); `max_images` caps each set (a seeded subsample). Decoded once, in one pass."""
+    run); `max_images` caps each set (a seeded subsample). Decoded once, in one pass; where a
+    `--data-store disk` run left a pixel store, the sets are views of it, read when used."""
     groups: list[tuple[str, bool, np.ndarray]] = []
     for name in targets:
         d = data.domains.index(name)
@@ -72,17 +78,52 @@ def eval_sets(data: DomainData, classes: Sequence[str], targets: Sequence[str],
     if not groups:
         raise DgkitError(f"no validation images found under {data.root}")
     everything = np.concatenate([rows for _, _, rows in groups])
-    decoded = read_or_decode(data, everything, spec, "validation images")
-    for path, reason in decoded.bad[:5]:
+    store = _store_of(data, everything, spec, "validation images")
+    if store is None:
+        decoded = decode_samples(data, everything, spec, "Decoding validation images")
+        indices, bad, pixels = decoded.indices, decoded.bad, decoded.pixels
+    else:
+        from dgkit.pixel_store import StoreView
+
+        indices, bad, pixels = store.indices, store.bad, StoreView(store)
+    for path, reason in bad[:5]:
         console.print(f"[yellow]warning: skipped {escape(str(path))}: {escape(reason)}")
-    row_of = {int(i): k for k, i in enumerate(decoded.indices)}
+    row_of = {int(i): k for k, i in enumerate(indices)}
     label_map = np.array([list(classes).index(c) for c in data.classes], dtype=np.int64)
     sets = []
     for name, is_target, rows in groups:
         keep = [row_of[int(i)] for i in rows if int(i) in row_of]
-        labels = label_map[[data.samples[int(decoded.indices[k])].label for k in keep]]
-        sets.append(EvalSet(name, is_target, decoded.pixels[keep], labels))
+        labels = label_map[[data.samples[int(indices[k])].label for k in keep]]
+        sets.append(EvalSet(name, is_target, pixels[keep], labels))
     return sets
+
+
+def gather_rows(sets: Sequence[EvalSet], rows: np.ndarray) -> np.ndarray:
+    """The images at `rows` of the sets laid end to end, in memory; a store's sets read only
+    those rows."""
+    out, start = [], 0
+    for s in sets:
+        mine = rows[(rows >= start) & (rows < start + len(s.pixels))] - start
+        if len(mine):
+            out.append(s.pixels[mine][:])
+        start += len(s.pixels)
+    return np.concatenate(out) if out else sets[0].pixels[:0]
+
+
+def read_batches(pixels: np.ndarray | StoreView, size: int, depth: int = 4
+                 ) -> Iterator[np.ndarray]:
+    """`pixels` in consecutive batches of `size` images; a store's are read by a `Prefetcher`
+    up to `depth` batches ahead of the one the caller works on."""
+    starts = range(0, len(pixels), size)
+    if isinstance(pixels, np.ndarray):
+        for i in starts:
+            yield pixels[i:i + size]
+        return
+    from dgkit.pixel_store import Prefetcher
+
+    with Prefetcher(pixels.store.gather, [pixels.rows[i:i + size] for i in starts],
+                    depth) as ahead:
+        yield from ahead
 
 
 def calibration_rows(data: DomainData, source_ids: Sequence[int], seed: int,
@@ -163,11 +204,21 @@ def read_or_decode(data: DomainData, rows: np.ndarray, spec: PreprocessSpec, wha
     """`decode_samples(data, rows, spec)`, read from the data's pixel store where a
     `--data-store disk` run left one (the same bytes, checked current; only these rows read),
     else decoded from the files."""
+    store = _store_of(data, rows, spec, what)
+    if store is None:
+        return decode_samples(data, rows, spec, f"Decoding {what}")
+    return Decoded(store.indices, store.gather(np.arange(len(store))), store.hashes, store.bad)
+
+
+def _store_of(data: DomainData, rows: np.ndarray, spec: PreprocessSpec, what: str
+              ) -> PixelStore | None:
+    """The pixel store a `--data-store disk` run left for the data, opened for `rows` (checked
+    current, images it lacks decoded into it), or None where there is none."""
     from dgkit.pixel_store import MANIFEST, open_store, store_folder
 
     folder = store_folder(data.root, spec)
     if not (folder / MANIFEST).is_file():
-        return decode_samples(data, rows, spec, f"Decoding {what}")
+        return None
     store = open_store(data, rows, spec, folder, progress=f"Decoding {what} into the pixel store")
     console.print(f"{what}: read from the pixel store {folder}", markup=False, highlight=False)
-    return Decoded(store.indices, store.gather(np.arange(len(store))), store.hashes, store.bad)
+    return store

@@ -130,3 +130,71 @@ def test_export_of_a_disk_run_reads_the_store(tiny_domains, tmp_path):
     assert [line.split(":")[0] for line in read] == ["validation images", "calibration images"]
     assert "Decoding" not in proc.stderr
     assert (run / "export" / "model.int8.onnx").is_file()
+
+
+def test_a_store_view_reads_only_the_rows_asked_for(tiny_domains, tmp_path):
+    from dgkit import pixel_store
+    from dgkit.data import decode_samples
+    from dgkit.export.images import read_batches
+
+    data, spec = discover(tiny_domains), PreprocessSpec(32, 32)
+    store = open_store(data, range(len(data.samples)), spec, tmp_path / "store", progress=None)
+    view = pixel_store.StoreView(store)
+    assert len(view) == len(store) and view.shape == (len(store), 32, 32, 3)
+    assert view.dtype == np.uint8
+
+    def decoded(rows) -> np.ndarray:
+        return decode_samples(data, store.indices[rows], spec, None).pixels
+
+    picked = view[[5, 2, 7]][np.array([2, 0])]  # composed: rows 7 and 5, nothing read yet
+    assert isinstance(picked, pixel_store.StoreView) and len(picked) == 2
+    assert np.array_equal(picked[:], decoded([7, 5]))
+    assert np.array_equal(view[3], decoded([3])[0])
+    every_third = view[np.arange(len(view)) % 3 == 0]
+    assert np.array_equal(np.asarray(every_third), decoded(slice(0, None, 3)))
+    readers: list[str] = []
+    real = store.gather
+    store.gather = lambda rows: (readers.append(threading.current_thread().name), real(rows))[1]
+    got = list(read_batches(view[np.arange(len(view))[::-1]], 5))
+    assert [len(b) for b in got] == [5] * 14 + [2]
+    assert len(readers) == 15 and all(r.startswith("dgkit-prefetch") for r in readers)
+    assert np.array_equal(np.concatenate(got), decoded(slice(None, None, -1)))
+
+
+def test_validation_of_a_disk_run_streams_the_store(tiny_domains, tiny_teacher, tmp_path,
+                                                    monkeypatch):
+    """`dgkit export` of a disk run validates on its pixel store a batch at a time, never
+    holding every validation image at once, and reports what validation without a store does."""
+    from dgkit import api, pixel_store
+    from dgkit.export import images
+    from dgkit.export import validate as validation
+    from dgkit.export.exporter import ExportOptions
+    from dgkit.train_config import TrainConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    api.train(TrainConfig(data=str(tiny_domains), targets=["sketch"], steps=2, eval_every=2,
+                          image_size=32, student_weights="none", batch_size=12, device="cpu",
+                          method="kd", teacher=tiny_teacher, data_store="disk"), run, quiet=True)
+    reads: list[tuple[int, str]] = []
+    real = pixel_store.PixelStore.gather
+    with monkeypatch.context() as m:
+        m.setattr(validation, "EVAL_BATCH", 8)
+        m.setattr(images, "decode_samples", no_decoding)
+        m.setattr(pixel_store, "decode_one", no_decoding)
+        m.setattr(pixel_store.PixelStore, "gather", lambda self, rows: (
+            reads.append((len(rows), threading.current_thread().name)), real(self, rows))[1])
+        streamed = api.export(run, ExportOptions(latency_runs=0))["report"]
+    total = sum(streamed.images.values())
+    ran = [r.key for r in streamed.artifacts if r.accuracy]
+    batches = [n for n, thread in reads if thread.startswith("dgkit-prefetch")]
+    assert total > 8 and len(ran) == 2  # torch FP32 and the FP32 ONNX
+    assert max(n for n, _ in reads) < total  # the parity and latency images alone, or a batch
+    assert max(batches) == 8 and sum(batches) == len(ran) * total
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-store"))  # decoded from the files
+    decoded = api.validate(run, latency_runs=0)
+    assert decoded.images == streamed.images
+    for a, b in zip(streamed.artifacts, decoded.artifacts, strict=True):
+        assert a.accuracy and (a.key, a.accuracy) == (b.key, b.accuracy)
+        assert (a.agreement, a.agreement_by_set) == (b.agreement, b.agreement_by_set)
