@@ -99,8 +99,10 @@ class DiskPixels:
         return DiskPixels(self.store, device)
 
     def host(self, rows: np.ndarray) -> torch.Tensor:
-        """The rows on the host, in the layout the in-memory tensor has (contiguous NCHW)."""
-        return torch.from_numpy(self.store.gather(rows)).permute(0, 3, 1, 2).contiguous()
+        """The rows on the host, in the layout the in-memory tensor has (contiguous NCHW).
+        Transposed by numpy: on the read-ahead threads a torch copy would start a team of
+        OpenMP threads per thread, which spin against the training threads for the cores."""
+        return torch.from_numpy(np.ascontiguousarray(self.store.gather(rows).transpose(0, 3, 1, 2)))
 
     def __getitem__(self, rows: torch.Tensor | np.ndarray | slice) -> torch.Tensor:
         if isinstance(rows, slice):
