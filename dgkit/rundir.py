@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,7 @@ def _point_latest(root: Path, target: str | None) -> None:
         link.unlink(missing_ok=True)
         return
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{LATEST}.tmp"
-    tmp.unlink(missing_ok=True)
+    # A name of its own: runs started together in one root point it at the same moment.
+    tmp = root / f".{LATEST}.{uuid.uuid4().hex}.tmp"
     tmp.symlink_to(target, target_is_directory=True)
     os.replace(tmp, link)

@@ -303,3 +303,25 @@ def test_teacher_errors_are_shortened_at_a_word_never_mid_sentence():
     assert short.endswith(" …") and len(short) <= 302
     assert long.startswith(short[:-2]) and long[len(short) - 2] == " "
     assert first_sentence("one line\nmore") == "one line"
+
+
+def test_runs_started_together_point_latest_without_racing(tmp_path):
+    """Several runs in one root update `latest` at the same moment (bench/efficacy.py runs
+    them in parallel): none fails, and `latest` ends at one of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dgkit.rundir import RunDir, update_latest
+
+    runs = [RunDir(tmp_path / f"run{i}") for i in range(8)]
+    for run in runs:
+        run.path.mkdir()
+
+    def point(run: RunDir) -> None:
+        for _ in range(200):
+            update_latest(run)
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        list(pool.map(point, runs))  # re-raises what a thread raised
+    assert os.readlink(tmp_path / "latest") in {f"run{i}" for i in range(8)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", *sorted(r.path.name
+                                                                            for r in runs)]
