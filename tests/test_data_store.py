@@ -154,6 +154,13 @@ def test_a_memory_run_resumes_from_the_disk_store_when_asked(tiny_domains, tmp_p
     with pytest.raises(Interrupted):
         api.train(TrainConfig(**config), tmp_path / "resumed", quiet=True)
     cache = tmp_path / "cache"
+    before = {f: (tmp_path / "resumed" / f).read_bytes() for f in ("run.json", "checkpoint.pt")}
+    for bad, says in ((["--data-store", "tape"], "--data-store 'tape' is not one of"),
+                      (["--memory-budget", "2"], "--memory-budget applies to --data-store auto")):
+        proc = dgkit("distill", "--resume", tmp_path / "resumed", *bad, "--quiet",
+                     env=_env(cache))
+        assert proc.returncode != 0 and says in error_line(proc)
+        assert {f: (tmp_path / "resumed" / f).read_bytes() for f in before} == before
     dgkit("distill", "--resume", tmp_path / "resumed", "--data-store", "disk", "--quiet",
           env=_env(cache), check=True)
     assert len(_stores(cache)) == 1
